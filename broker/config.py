@@ -1,0 +1,160 @@
+"""Pool configuration: frozen dataclasses validated on construction, loaded from TOML."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model and how its replicas run."""
+
+    name: str
+    path: str
+    replicas: int = 1
+    version: str = "1"
+    max_batch_size: int = 32
+    max_delay_ms: float = 0.0
+    max_queue: int = 1024
+    pad_to_bucket: bool = False
+    threads: int = 0  # TensorFlow intra-op threads per replica; 0 = cores / replicas on this host
+    device: str = "cpu"  # "cpu", or "gpu" / "gpu:N" on a GPU host
+    imports: tuple[str, ...] = ()  # modules the worker imports before loading (custom layers)
+
+    def __post_init__(self) -> None:
+        where = f"models[{self.name!r}]"
+        if not isinstance(self.name, str) or not _NAME.match(self.name) or self.name.startswith("mmi."):
+            raise ConfigError(f"models.name {self.name!r}: use letters, digits, '_', '-', '.' (not 'mmi.*'), up to 128")
+        _positive_int(self.replicas, f"{where}.replicas")
+        _positive_int(self.max_batch_size, f"{where}.max_batch_size")
+        _positive_int(self.max_queue, f"{where}.max_queue")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise ConfigError(f"{where}.threads must be an integer >= 0 (0 = automatic), got {self.threads!r}")
+        if not isinstance(self.max_delay_ms, (int, float)) or isinstance(self.max_delay_ms, bool) or self.max_delay_ms < 0:
+            raise ConfigError(f"{where}.max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
+        if not isinstance(self.pad_to_bucket, bool):
+            raise ConfigError(f"{where}.pad_to_bucket must be true or false, got {self.pad_to_bucket!r}")
+        if not isinstance(self.version, str) or not self.version:
+            raise ConfigError(f"{where}.version must be a non-empty string, got {self.version!r}")
+        if not isinstance(self.device, str) or not re.match(r"^(cpu|gpu(:\d+)?)$", self.device):
+            raise ConfigError(f"{where}.device must be 'cpu', 'gpu' or 'gpu:N', got {self.device!r}")
+        if not isinstance(self.imports, tuple) or not all(isinstance(i, str) and i for i in self.imports):
+            raise ConfigError(f"{where}.imports must be a list of module names, got {self.imports!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"{where}.path must be a path to a .keras, .h5 or SavedModel directory")
+        if not Path(self.path).exists():
+            raise ConfigError(f"{where}.path: model file {self.path!r} does not exist")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The whole pool: endpoints, timings and models."""
+
+    models: tuple[ModelConfig, ...] = ()
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = ""  # "" = a private ipc:// path chosen at start
+    max_message_bytes: int = 64 * 1024 * 1024
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    hang_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    restart_backoff_max: float = 30.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("models: at least one [[models]] table is needed")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"models.name: duplicate model name(s) {', '.join(dupes)}")
+        for key in ("frontend",) + (("backend",) if self.backend else ()):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not re.match(r"^(tcp|ipc|inproc)://.+", value):
+                raise ConfigError(f"pool.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {value!r}")
+        _positive_int(self.max_message_bytes, "pool.max_message_bytes")
+        _positive_int(self.heartbeat_liveness, "pool.heartbeat_liveness")
+        for key in ("heartbeat_interval", "hang_timeout", "drain_timeout", "restart_backoff_max"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"pool.{key} must be a positive number of seconds, got {value!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"pool.log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def with_overrides(self, **changes: Any) -> PoolConfig:
+        """A copy with some pool keys replaced (CLI flags), validated again."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _positive_int(value: Any, key: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models"}
+_MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+
+
+def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
+    """Build a PoolConfig from parsed TOML; model paths are relative to ``base_dir``."""
+    _check_keys(data, {"pool", "models"}, "top level")
+    pool = data.get("pool", {})
+    if not isinstance(pool, dict):
+        raise ConfigError("pool must be a table: [pool]")
+    _check_keys(pool, _POOL_KEYS, "[pool]")
+    tables = data.get("models", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("models must be an array of tables: [[models]]")
+    models = []
+    for i, table in enumerate(tables):
+        _check_keys(table, _MODEL_KEYS, f"[[models]] #{i + 1}")
+        for key in ("name", "path"):
+            if key not in table:
+                raise ConfigError(f"[[models]] #{i + 1}: missing key {key!r}")
+        path = Path(os.path.expanduser(str(table["path"])))
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        imports = table.get("imports", ())
+        imports = tuple(imports) if isinstance(imports, list) else imports
+        models.append(ModelConfig(**{**table, "path": str(path), "imports": imports}))
+    try:
+        return PoolConfig(models=tuple(models), **pool)
+    except TypeError as exc:  # wrong value types reaching dataclass defaults
+        raise ConfigError(str(exc)) from None
+
+
+def load(path: str | os.PathLike) -> PoolConfig:
+    """Read and validate a TOML pool config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_dict(data, p.parent.resolve())
+
+
+def default_threads(replicas_on_host: int, cores: int | None = None) -> int:
+    """TensorFlow intra-op threads for one replica: its share of the cores, at least 1."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, replicas_on_host))
+

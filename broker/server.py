@@ -1,0 +1,261 @@
+"""The broker's socket loop: ROUTER frontend for clients, ROUTER backend for workers.
+
+Thin by design: receive, hand to ``PoolState``, send what it queued. The same loop watches the local
+workers' process sentinels and a signal wake-up pipe, so one thread does everything and signal
+handlers only record the signal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from typing import Callable
+
+import zmq
+
+from broker.config import PoolConfig
+from broker.state import PoolState
+from broker.supervisor import Slot, Supervisor
+from client.protocol import encode_disconnect
+
+log = logging.getLogger(__name__)
+
+_DRAIN_BATCH = 256  # messages taken from one socket before looking at the other
+
+
+class Broker:
+    """One pool: sockets, routing state and the local worker supervisor."""
+
+    def __init__(self, config: PoolConfig, *, supervise: bool = True,
+                 on_ready: Callable[[Broker], None] | None = None) -> None:
+        self.config = config
+        self._tmpdir = None
+        backend = config.backend
+        if not backend:
+            self._tmpdir = tempfile.mkdtemp(prefix="modelpool-")
+            backend = f"ipc://{self._tmpdir}/backend.ipc"
+        self.backend_endpoint = backend
+        self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
+                               heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout)
+        for m in config.models:
+            self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
+                                 version=m.version)
+        self.supervisor = Supervisor(config, backend) if supervise else None
+        self.on_ready = on_ready
+        self.announced = False
+        self.signals: list[int] = []
+        self.exit_code = 0
+        self.ctx = zmq.Context()
+        self.frontend = self._router(config.frontend, config.max_message_bytes)
+        self.backend = self._router(backend, config.max_message_bytes)
+        self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _router(self, endpoint: str, max_bytes: int) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(endpoint)
+        return sock
+
+    # --- signals -------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM are recorded and acted on by the loop (wake-up through a pipe)."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._record_signal)
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped by a signal; returns the exit code."""
+        state, sup = self.state, self.supervisor
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        wake = getattr(self, "_wake_r", None)
+        if wake is not None:
+            poller.register(wake, zmq.POLLIN)
+        watched: dict[int, object] = {}
+        interval = self.config.heartbeat_interval
+        next_heartbeat = time.monotonic() + interval
+        stop_by: float | None = None
+        log.info("broker listening frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
+        try:
+            while True:
+                if sup is not None:
+                    if sup.start_due():
+                        self._sync_starting()
+                    watched = self._watch(poller, watched, sup.sentinels())
+                timeout = self._timeout(next_heartbeat, stop_by)
+                events = dict(poller.poll(timeout))
+                if self.frontend in events:
+                    self._drain_frontend()
+                if self.backend in events:
+                    self._drain_backend()
+                if wake is not None and wake in events:
+                    _read_all(wake)
+                for fd in [fd for fd in watched if fd in events]:
+                    self._reap(watched.pop(fd))
+                    poller.unregister(fd)
+                state.tick()
+                self._handle_lost()
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    state.heartbeat_all()
+                    next_heartbeat = now + interval
+                self._flush()
+                self._maybe_announce()
+                stop_by = self._handle_signals(stop_by)
+                if stop_by is not None and (state.drained() or time.monotonic() >= stop_by):
+                    return self._finish(forced=False)
+        except _ForcedStop:
+            return self._finish(forced=True)
+
+    def _timeout(self, next_heartbeat: float, stop_by: float | None) -> int:
+        now = time.monotonic()
+        candidates = [next_heartbeat]
+        deadline = self.state.next_deadline()
+        if deadline is not None:
+            candidates.append(deadline)
+        if self.supervisor is not None:
+            restart = self.supervisor.next_restart()
+            if restart is not None:
+                candidates.append(restart)
+        if stop_by is not None:
+            candidates.append(now + 0.05)
+        return max(0, int((min(candidates) - now) * 1000) + 1)
+
+    def _drain_frontend(self) -> None:
+        sock, handle = self.frontend, self.state.client_message
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames[0].bytes, frames[1:])
+            self._flush()
+
+    def _drain_backend(self) -> None:
+        sock, handle, sup = self.backend, self.state.worker_message, self.supervisor
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            handle(identity, frames[1:])
+            if sup is not None and identity in self.state.workers and sup.mark_ready(identity):
+                self._sync_starting()
+            self._flush()
+
+    def _flush(self) -> None:
+        state = self.state
+        if state.outbox_clients:
+            send = self.frontend.send_multipart
+            for frames in state.outbox_clients:
+                send(frames, copy=False)
+            state.outbox_clients.clear()
+        if state.outbox_workers:
+            send = self.backend.send_multipart
+            for frames in state.outbox_workers:
+                send(frames, copy=False)
+            state.outbox_workers.clear()
+
+    def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict) -> dict:
+        for fd, slot in sentinels.items():
+            if fd not in watched:
+                poller.register(fd, zmq.POLLIN)
+                watched[fd] = slot
+        return watched
+
+    def _reap(self, slot: Slot) -> None:
+        identity = slot.identity
+        reason = self.supervisor.reap(slot)
+        if identity in self.state.workers:
+            self.state.worker_lost(identity, f"worker process {reason}")
+        self._sync_starting()
+
+    def _sync_starting(self) -> None:
+        for name, count in self.supervisor.starting_counts().items():
+            self.state.set_starting(name, count)
+
+    def _handle_lost(self) -> None:
+        lost = self.state.lost_workers
+        while lost:
+            identity, reason = lost.pop()
+            log.warning("worker=%r declared dead: %s", identity, reason)
+            if self.supervisor is not None:
+                self.supervisor.kill(identity)
+            self.state.outbox_workers.append([identity, *encode_disconnect()])
+
+    def _maybe_announce(self) -> None:
+        if self.announced or self.on_ready is None:
+            return
+        done = all(e.ready >= e.expected or e.load_error for e in self.state.models.values())
+        if done:
+            self.announced = True
+            self.on_ready(self)
+
+    def _handle_signals(self, stop_by: float | None) -> float | None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if stop_by is not None:
+                log.warning("second signal (%s): forcing stop", signal.Signals(signum).name)
+                raise _ForcedStop()
+            log.info("%s: no longer admitting; finishing in-flight requests (up to %.0fs)",
+                     signal.Signals(signum).name, self.config.drain_timeout)
+            self.state.stop_admitting()
+            if self.supervisor is not None:
+                self.supervisor.stopping = True
+            stop_by = time.monotonic() + self.config.drain_timeout
+        return stop_by
+
+    def _finish(self, *, forced: bool) -> int:
+        if forced:
+            if self.supervisor is not None:
+                self.supervisor.kill_all()
+            self.exit_code = 1
+        else:
+            self.state.disconnect_all()
+            self._flush()
+            if self.supervisor is not None:
+                self.supervisor.stop(timeout=5.0)
+        log.info("broker stopped (%s)", "forced" if forced else "graceful")
+        return self.exit_code
+
+    def close(self) -> None:
+        """Close sockets, terminate the context, remove the private ipc directory."""
+        if self.supervisor is not None:
+            self.supervisor.kill_all()
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+        self.ctx.term()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+class _ForcedStop(Exception):
+    pass
+
+
+def _read_all(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

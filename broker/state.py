@@ -1,0 +1,511 @@
+"""The broker's bookkeeping as plain data: models, workers, queues, in-flight requests, expiry.
+
+No sockets here. Every event method appends the messages it wants sent to ``outbox_clients`` and
+``outbox_workers`` (identity first); the socket loop in ``broker.server`` drains them. The clock is
+injected so that unit tests drive time by hand.
+"""
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from client import protocol
+from client.errors import (
+    InvalidInput,
+    ModelNotFound,
+    NotSupported,
+    Overloaded,
+    PoolError,
+    RequestTimeout,
+    Unavailable,
+    WorkerCrashed,
+)
+from client.protocol import CLIENT
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(enum.Enum):
+    """Lifecycle of one registered worker."""
+
+    READY = "ready"
+    DRAINING = "draining"
+    GONE = "gone"
+
+
+_MOVES = {
+    WorkerState.READY: {WorkerState.DRAINING, WorkerState.GONE},
+    WorkerState.DRAINING: {WorkerState.GONE},
+    WorkerState.GONE: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A worker was asked to move between states that have no edge."""
+
+
+QUEUED, INFLIGHT, DONE = 0, 1, 2
+
+
+class Pending:
+    """One client request held by the broker, queued or in flight."""
+
+    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where")
+
+    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None) -> None:
+        self.client = client
+        self.rid = rid
+        self.model = model
+        self.body = body  # header frame + tensor frames, forwarded untouched
+        self.deadline = deadline
+        self.crashes = 0
+        self.flags = b""
+        self.where = QUEUED
+
+
+@dataclass
+class Worker:
+    """A registered worker process serving one model."""
+
+    identity: bytes
+    model: bytes
+    version: str
+    capacity: int
+    pid: int | None
+    expiry: float
+    state: WorkerState = WorkerState.READY
+    inflight: dict = field(default_factory=dict)
+    last_heard: float = 0.0
+
+    def move(self, new: WorkerState) -> None:
+        """Change state along a legal edge."""
+        if new not in _MOVES[self.state]:
+            raise IllegalTransition(f"worker {self.identity!r}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.inflight) if self.state is WorkerState.READY else 0
+
+
+@dataclass
+class ModelEntry:
+    """Everything the broker knows about one served model."""
+
+    name: bytes
+    max_queue: int
+    queue: deque = field(default_factory=deque)
+    queued: int = 0
+    workers: dict = field(default_factory=dict)
+    expected: int = 0  # local replicas the supervisor keeps alive
+    starting: int = 0
+    failed: int = 0
+    load_error: str | None = None
+    metadata: dict | None = None
+    version: str = ""
+    served: int = 0
+    errors: int = 0
+    retried: int = 0
+    crashed: int = 0
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is WorkerState.READY)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name.decode(errors="replace"),
+            "version": self.version,
+            "replicas_ready": self.ready,
+            "replicas_starting": self.starting,
+            "replicas_failed": self.failed,
+            "replicas_expected": self.expected,
+            "queue_depth": self.queued,
+            "max_queue": self.max_queue,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "errors": self.errors,
+            "retried": self.retried,
+            "crashed_requests": self.crashed,
+            "load_error": self.load_error,
+            "workers": [
+                {"id": w.identity.decode(errors="replace"), "pid": w.pid, "state": w.state.value,
+                 "capacity": w.capacity, "in_flight": len(w.inflight)}
+                for w in self.workers.values()
+            ],
+        }
+
+
+class PoolState:
+    """Routing state of the broker."""
+
+    def __init__(
+        self,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = protocol.HEARTBEAT_LIVENESS,
+        hang_timeout: float = 60.0,
+        default_max_queue: int = 1024,
+    ) -> None:
+        self.now = now
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_liveness = heartbeat_liveness
+        self.hang_timeout = hang_timeout
+        self.default_max_queue = default_max_queue
+        self.models: dict[bytes, ModelEntry] = {}
+        self.workers: dict[bytes, Worker] = {}
+        self.admitting = True
+        self.outbox_clients: list[list] = []
+        self.outbox_workers: list[list] = []
+        self.lost_workers: list[tuple[bytes, str]] = []  # (identity, reason) for the supervisor
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._seq = itertools.count()
+        self._mmi = {
+            protocol.MMI_SERVICE: self._mmi_service,
+            protocol.MMI_MODELS: self._mmi_models,
+            protocol.MMI_HEALTH: self._mmi_health,
+        }
+
+    # --- configuration -------------------------------------------------------------------
+
+    def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "") -> None:
+        """Declare a model served by local replicas (remote workers may add models on READY)."""
+        key = name.encode()
+        entry = self.models.get(key)
+        if entry is None:
+            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue)
+        entry.expected = expected
+        entry.version = version
+
+    def set_starting(self, model: str, count: int) -> None:
+        """How many local replicas of the model are starting (process up, not READY yet)."""
+        entry = self.models.get(model.encode())
+        if entry is not None:
+            entry.starting = count
+
+    def load_failed(self, model: str, reason: str) -> None:
+        """A local replica failed to load; clients get 503 with the reason while none is ready."""
+        entry = self.models.get(model.encode())
+        if entry is None:
+            return
+        entry.load_error = reason
+        entry.failed += 1
+        if entry.ready == 0:
+            self._fail_queue(entry, Unavailable(f"model {entry.name.decode()!r} failed to load: {reason}"))
+
+    # --- client side ---------------------------------------------------------------------
+
+    def client_message(self, client: bytes, frames: Sequence[Any]) -> None:
+        """A message from a client (identity stripped); malformed ones are logged and dropped."""
+        try:
+            request = protocol.parse_request(frames)
+        except PoolError as exc:
+            self._malformed(client, frames, exc)
+            return
+        model, rid, header = request.model, request.rid, request.header
+        if model.startswith(protocol.MMI_PREFIX):
+            handler = self._mmi.get(model)
+            if handler is None:
+                self._reply_error(client, model, rid, NotSupported(f"unknown management service {model.decode(errors='replace')!r}"))
+            else:
+                handler(client, rid, header)
+            return
+        entry = self.models.get(model)
+        if entry is None:
+            served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
+            self._reply_error(client, model, rid, ModelNotFound(
+                f"model {model.decode(errors='replace')!r} is not served here; models served: {served}"))
+            return
+        if header.get("op") == "metadata" and entry.metadata is not None:
+            self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
+            return
+        error = self._admission_error(entry, header)
+        if error is not None:
+            entry.errors += 1
+            self._reply_error(client, model, rid, error)
+            return
+        timeout_ms = header.get("timeout_ms")
+        deadline = None if timeout_ms is None else self.now() + timeout_ms / 1000.0
+        pending = Pending(client, rid, model, list(frames[4:]), deadline)
+        entry.queue.append(pending)
+        entry.queued += 1
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
+        self._dispatch(entry)
+
+    def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
+        name = entry.name.decode(errors="replace")
+        timeout_ms = header.get("timeout_ms")
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0):
+            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {timeout_ms!r}")
+        if not self.admitting:
+            return Unavailable("the pool is shutting down and admits no new requests")
+        if entry.ready == 0:
+            if entry.load_error is not None:
+                return Unavailable(f"model {name!r} failed to load: {entry.load_error}")
+            if entry.starting == 0 and entry.expected == 0:
+                return Unavailable(f"model {name!r} has no live worker")
+        if entry.queued >= entry.max_queue:
+            return Overloaded(f"model {name!r} queue is full ({entry.max_queue} requests waiting); retry later")
+        return None
+
+    def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
+        # Answer when there is enough of an envelope to address a reply; otherwise drop.
+        try:
+            model = protocol._bytes(frames[2])
+            rid = protocol._bytes(frames[3])
+        except IndexError:
+            log.warning("dropped malformed client message client=%s frames=%d: %s", client.hex(), len(frames), exc)
+            return
+        if protocol._bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
+            log.warning("dropped malformed client message client=%s: %s", client.hex(), exc)
+            return
+        log.warning("malformed request client=%s model=%r: %s", client.hex(), model[:64], exc)
+        self._reply_error(client, model, rid, exc)
+
+    def _reply_error(self, client: bytes, model: bytes, rid: bytes, error: PoolError) -> None:
+        self.outbox_clients.append([client, b"", *protocol.encode_error(model, rid, error)])
+
+    # --- management (mmi.*) --------------------------------------------------------------
+
+    def _mmi_service(self, client: bytes, rid: bytes, header: dict) -> None:
+        name = str(header.get("name", "")).encode()
+        status = protocol.OK if name in self.models else b"404"
+        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, status, protocol.packb({"name": name.decode()})])
+
+    def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
+        body = {"models": [entry.summary() for entry in self.models.values()]}
+        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_MODELS, rid, protocol.OK, protocol.packb(body)])
+
+    def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:
+        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_HEALTH, rid, protocol.OK, protocol.packb(self.health())])
+
+    def health(self) -> dict:
+        """Liveness and readiness: ready when every model has a live replica."""
+        models = {m.decode(errors="replace"): e.ready > 0 for m, e in self.models.items()}
+        return {"live": True, "ready": self.admitting and bool(models) and all(models.values()),
+                "admitting": self.admitting, "models": models}
+
+    # --- worker side ---------------------------------------------------------------------
+
+    def worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
+        """A message from a worker (ROUTER identity stripped); malformed ones are logged and dropped."""
+        try:
+            message = protocol.parse_worker_message(frames)
+        except PoolError as exc:
+            log.warning("dropped malformed worker message worker=%r: %s", identity, exc)
+            return
+        command, fields = message
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_heard = self.now()
+            worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
+        if command is protocol.Command.REPLY:
+            if worker is not None:
+                self._worker_reply(worker, fields)
+            else:
+                log.warning("reply from unknown worker=%r dropped", identity)
+        elif command is protocol.Command.READY:
+            self._worker_ready(identity, worker, fields[0], fields[1])
+        elif command is protocol.Command.HEARTBEAT:
+            if worker is None:
+                # A worker we do not know (the broker restarted): ask it to register again.
+                self.outbox_workers.append([identity, *protocol.encode_disconnect()])
+        elif command is protocol.Command.DISCONNECT:
+            info = fields[0] if fields else {}
+            self._worker_disconnect(identity, worker, info)
+        else:
+            log.warning("worker=%r sent %s, which only the broker sends; dropped", identity, command.name)
+
+    def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
+        if worker is not None:
+            log.warning("worker=%r sent READY twice; treating it as a new registration", identity)
+            self.worker_lost(identity, "re-registered")
+        entry = self.models.get(model)
+        if entry is None:
+            entry = self.models[model] = ModelEntry(model, self.default_max_queue)
+        capacity = info.get("capacity", 1)
+        worker = Worker(
+            identity=identity,
+            model=model,
+            version=str(info.get("version", "")),
+            capacity=max(1, capacity if isinstance(capacity, int) else 1),
+            pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
+            expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
+            last_heard=self.now(),
+        )
+        self.workers[identity] = worker
+        entry.workers[identity] = worker
+        entry.load_error = None
+        if isinstance(info.get("metadata"), dict):
+            entry.metadata = info["metadata"]
+        if worker.version and not entry.version:
+            entry.version = worker.version
+        log.info("worker ready model=%s worker=%s pid=%s capacity=%d",
+                 model.decode(errors="replace"), identity.decode(errors="replace"), worker.pid, worker.capacity)
+        self._dispatch(entry)
+
+    def _worker_reply(self, worker: Worker, fields: list) -> None:
+        client, _, rid, status = fields[0], fields[1], fields[2], fields[3]
+        pending = worker.inflight.pop((client, rid), None)
+        if pending is None:
+            log.warning("reply for unknown request worker=%r rid=%r dropped", worker.identity, rid[:32])
+            return
+        entry = self.models[worker.model]
+        if status == protocol.OK:
+            entry.served += 1
+        else:
+            entry.errors += 1
+        self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *fields[4:]])
+        if worker.state is WorkerState.DRAINING and not worker.inflight:
+            self._forget(worker)
+        self._dispatch(entry)
+
+    def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
+        error = info.get("error") if isinstance(info, dict) else None
+        if error and isinstance(info.get("model"), str):
+            self.load_failed(info["model"], str(error))
+        if worker is not None:
+            self.worker_lost(identity, "disconnected")
+
+    def worker_lost(self, identity: bytes, reason: str) -> Worker | None:
+        """A worker died, hung or left: retry its in-flight requests once, 500 those already retried."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return None
+        entry = self.models[worker.model]
+        self._forget(worker)
+        retry = []
+        for pending in worker.inflight.values():
+            if pending.crashes >= 1:
+                entry.crashed += 1
+                entry.errors += 1
+                pending.where = DONE
+                self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
+                    f"request crashed a worker of model {entry.name.decode(errors='replace')!r} "
+                    f"({reason}) twice; it is not retried again"))
+            else:
+                pending.crashes += 1
+                pending.flags = protocol.FLAG_SOLO
+                entry.retried += 1
+                retry.append(pending)
+        worker.inflight.clear()
+        for pending in reversed(retry):
+            pending.where = QUEUED
+            entry.queue.appendleft(pending)
+            entry.queued += 1
+            if pending.deadline is not None:
+                heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
+        if retry or worker.capacity:
+            log.warning("worker lost model=%s worker=%r pid=%s reason=%s retried=%d",
+                        entry.name.decode(errors="replace"), identity, worker.pid, reason, len(retry))
+        if entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
+            self._fail_queue(entry, Unavailable(f"model {entry.name.decode(errors='replace')!r} has no live worker"))
+        self._dispatch(entry)
+        return worker
+
+    def _forget(self, worker: Worker) -> None:
+        if worker.state is not WorkerState.GONE:
+            worker.move(WorkerState.GONE)
+        self.workers.pop(worker.identity, None)
+        entry = self.models.get(worker.model)
+        if entry is not None:
+            entry.workers.pop(worker.identity, None)
+
+    # --- dispatch, time ------------------------------------------------------------------
+
+    def _dispatch(self, entry: ModelEntry) -> None:
+        queue = entry.queue
+        if not queue:
+            return
+        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY]
+        if not workers:
+            return
+        now = self.now()
+        while queue:
+            best = max(workers, key=_free)
+            if best.free <= 0:
+                return
+            pending = queue.popleft()
+            if pending.where is DONE:
+                continue
+            entry.queued -= 1
+            if pending.deadline is not None and pending.deadline <= now:
+                self._expire(entry, pending)
+                continue
+            pending.where = INFLIGHT
+            best.inflight[(pending.client, pending.rid)] = pending
+            self.outbox_workers.append([best.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
+                                        pending.client, b"", pending.rid, pending.flags, *pending.body])
+
+    def _expire(self, entry: ModelEntry, pending: Pending) -> None:
+        pending.where = DONE
+        entry.errors += 1
+        self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
+            f"deadline passed after waiting in the queue of model {entry.name.decode(errors='replace')!r}; "
+            "the request never reached the model"))
+
+    def _fail_queue(self, entry: ModelEntry, error: PoolError) -> None:
+        while entry.queue:
+            pending = entry.queue.popleft()
+            if pending.where is QUEUED:
+                pending.where = DONE
+                entry.queued -= 1
+                entry.errors += 1
+                self._reply_error(pending.client, pending.model, pending.rid, error)
+
+    def tick(self) -> None:
+        """Expire queued requests past their deadline and workers past their liveness."""
+        now = self.now()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, pending = heapq.heappop(heap)
+            if pending.where is QUEUED:  # left in the deque; dispatch skips it
+                entry = self.models[pending.model]
+                entry.queued -= 1
+                self._expire(entry, pending)
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_heard
+            if worker.inflight and silent > self.hang_timeout:
+                self.lost_workers.append((worker.identity, f"hung: no message for {silent:.1f}s with requests in flight"))
+                self.worker_lost(worker.identity, "hung")
+            elif not worker.inflight and now > worker.expiry:
+                self.lost_workers.append((worker.identity, f"missed heartbeats for {silent:.1f}s"))
+                self.worker_lost(worker.identity, "heartbeat expired")
+
+    def next_deadline(self) -> float | None:
+        """The earliest queued deadline, for the poll timeout."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def heartbeat_all(self) -> None:
+        """Queue a HEARTBEAT to every registered worker."""
+        for identity in self.workers:
+            self.outbox_workers.append([identity, *protocol.encode_heartbeat()])
+
+    def stop_admitting(self) -> None:
+        """Refuse new requests with 503; queued and in-flight ones still finish."""
+        self.admitting = False
+
+    def drained(self) -> bool:
+        """True when nothing is queued or in flight."""
+        return all(e.queued == 0 and e.in_flight == 0 for e in self.models.values())
+
+    def disconnect_all(self) -> None:
+        """Tell every worker to leave."""
+        for identity in list(self.workers):
+            self.outbox_workers.append([identity, *protocol.encode_disconnect()])
+
+
+def _free(worker: Worker) -> int:
+    return worker.free

@@ -1,0 +1,195 @@
+"""Starts, watches and restarts local worker processes (spawn, never fork)."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Callable
+
+from broker.config import ModelConfig, PoolConfig, default_threads
+from modelproc.spec import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+EXIT_LOAD_FAILED = 3  # mirrors modelproc.worker.EXIT_LOAD_FAILED without importing the worker
+STABLE_AFTER = 10.0  # seconds READY after which a crash counts as the first of a new series
+
+
+@dataclass
+class Slot:
+    """One replica position: the process filling it now and its restart history."""
+
+    model: ModelConfig
+    index: int
+    generation: int = 0
+    process: BaseProcess | None = None
+    identity: bytes = b""
+    failures: int = 0
+    restart_at: float | None = 0.0
+    ready_since: float | None = None
+    started_at: float = 0.0
+
+
+class Supervisor:
+    """Local replicas of every configured model, kept alive with capped exponential backoff."""
+
+    def __init__(self, config: PoolConfig, backend: str, *, now: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.backend = backend
+        self.now = now
+        self.ctx = multiprocessing.get_context("spawn")
+        self.slots = [Slot(m, i) for m in config.models for i in range(m.replicas)]
+        self.by_identity: dict[bytes, Slot] = {}
+        self.stopping = False
+        total = sum(m.replicas for m in config.models)
+        self._auto_threads = default_threads(total)
+
+    def _spec(self, slot: Slot) -> WorkerSpec:
+        m = slot.model
+        threads = m.threads or self._auto_threads
+        return WorkerSpec(
+            model=m.name, path=m.path, backend=self.backend, identity=slot.identity, version=m.version,
+            max_batch_size=m.max_batch_size, max_delay_ms=m.max_delay_ms, pad_to_bucket=m.pad_to_bucket,
+            intra_threads=threads, inter_threads=1 if threads <= 2 else 2, device=m.device, imports=m.imports,
+            heartbeat_interval=self.config.heartbeat_interval, heartbeat_liveness=self.config.heartbeat_liveness,
+            parent_pid=os.getpid(), log_level=self.config.log_level,
+        )
+
+    def start_due(self) -> bool:
+        """Start every empty slot whose restart time has come; True if any started."""
+        if self.stopping:
+            return False
+        now = self.now()
+        started = False
+        for slot in self.slots:
+            if slot.process is None and slot.restart_at is not None and slot.restart_at <= now:
+                self._start(slot)
+                started = True
+        return started
+
+    def starting_counts(self) -> dict[str, int]:
+        """Per model, replicas whose process runs but has not sent READY yet."""
+        counts = {m.name: 0 for m in self.config.models}
+        for slot in self.slots:
+            if slot.process is not None and slot.ready_since is None:
+                counts[slot.model.name] += 1
+        return counts
+
+    def _start(self, slot: Slot) -> None:
+        from modelproc.worker import main as worker_main  # TensorFlow-free module
+
+        slot.generation += 1
+        slot.identity = f"{slot.model.name}/{slot.index}/{slot.generation}".encode()
+        process = self.ctx.Process(target=worker_main, args=(self._spec(slot),),
+                                   name=f"modelpool-{slot.model.name}-{slot.index}", daemon=True)
+        process.start()
+        slot.process, slot.restart_at, slot.ready_since, slot.started_at = process, None, None, self.now()
+        self.by_identity[slot.identity] = slot
+        log.info("started worker model=%s replica=%d pid=%d", slot.model.name, slot.index, process.pid)
+
+    def next_restart(self) -> float | None:
+        """When the next pending restart is due."""
+        due = [s.restart_at for s in self.slots if s.process is None and s.restart_at is not None]
+        return min(due) if due else None
+
+    def sentinels(self) -> dict[int, Slot]:
+        """Process sentinels (fds readable when the process ends) of running workers."""
+        return {s.process.sentinel: s for s in self.slots if s.process is not None}
+
+    def mark_ready(self, identity: bytes) -> bool:
+        """A local worker is registered with the broker; True the first time."""
+        slot = self.by_identity.get(identity)
+        if slot is None or slot.ready_since is not None:
+            return False
+        slot.ready_since = self.now()
+        log.info("worker ready model=%s replica=%d pid=%s after %.1fs", slot.model.name, slot.index,
+                 slot.process.pid if slot.process else None, slot.ready_since - slot.started_at)
+        return True
+
+    def reap(self, slot: Slot) -> str:
+        """Collect an exited worker, schedule its restart; returns why it exited."""
+        process = slot.process
+        process.join(0)
+        code = process.exitcode
+        was_ready = slot.ready_since is not None
+        now = self.now()
+        if was_ready and now - slot.ready_since >= STABLE_AFTER:
+            slot.failures = 0
+        reason = _describe_exit(code)
+        slot.process = None
+        self.by_identity.pop(slot.identity, None)
+        if self.stopping:
+            slot.restart_at = None
+            return reason
+        delay = self._backoff(slot, code)
+        slot.failures += 1
+        slot.restart_at = now + delay
+        log_fn = log.info if code == 0 else log.warning
+        log_fn("worker exited model=%s replica=%d pid=%d %s; restart in %.1fs", slot.model.name, slot.index,
+               process.pid, reason, delay)
+        return reason
+
+    def _backoff(self, slot: Slot, code: int | None) -> float:
+        cap = self.config.restart_backoff_max
+        if code == EXIT_LOAD_FAILED:
+            return min(cap, 1.0 * 2 ** slot.failures)
+        if slot.failures == 0:
+            return 0.0
+        return min(cap, 0.5 * 2 ** (slot.failures - 1))
+
+    def kill(self, identity: bytes) -> None:
+        """SIGKILL a local worker (hung or silent); its sentinel then reports the exit."""
+        slot = self.by_identity.get(identity)
+        if slot is not None and slot.process is not None and slot.process.pid:
+            log.warning("killing worker model=%s replica=%d pid=%d", slot.model.name, slot.index, slot.process.pid)
+            try:
+                os.kill(slot.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float) -> None:
+        """Wait for workers to leave (they were sent DISCONNECT), then terminate, then kill."""
+        self.stopping = True
+        deadline = self.now() + timeout
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - self.now()))
+        for slot in self.slots:
+            p = slot.process
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(2.0)
+                if p.is_alive():
+                    p.kill()
+                    p.join(2.0)
+            slot.process = None
+
+    def kill_all(self) -> None:
+        """Forced stop: SIGKILL every worker now."""
+        self.stopping = True
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.kill()
+                slot.process.join(2.0)
+                slot.process = None
+
+    def pids(self) -> list[int]:
+        """Pids of running workers."""
+        return [s.process.pid for s in self.slots if s.process is not None and s.process.pid]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == EXIT_LOAD_FAILED:
+        return "failed to load its model"
+    return f"exit code {code}"

@@ -1,0 +1,399 @@
+"""The modelpool wire protocol: the one definition, shared by client, broker and workers.
+
+Majordomo (ZeroMQ RFC 7/MDP 0.1) framing, extended for tensors and batching workers. Every frame
+is one ZeroMQ message part. ``docs/PROTOCOL.md`` specifies the same thing for other languages.
+
+Client <-> broker (client uses DEALER and sends the empty frame itself, or REQ)::
+
+    request:  ""  "MDPC01"  <model>  <request-id>  <header: msgpack map>  <tensor>...
+    reply:    ""  "MDPC01"  <model>  <request-id>  <status: ASCII>  <header: msgpack map>  <tensor>...
+
+    status    "200" ok, "400" invalid input, "404" unknown model, "429" overloaded, "500" model
+              raised / request crashed a worker, "501" unknown mmi service, "503" unavailable,
+              "504" deadline passed
+    header    request: {"inputs": [{"name", "datatype", "shape"}...], "outputs": [{"name"}...],
+                        "timeout_ms": int, "parameters": {...}}   or {"op": "metadata"}
+              reply:   {"model_name", "model_version", "outputs": [{"name", "datatype", "shape"}...]}
+              error:   {"error": {"type": str, "message": str}}   (no tensor frames)
+    tensor    raw little-endian row-major bytes, one frame per entry of inputs/outputs, in order
+
+    Management services answered by the broker: "mmi.service" (header {"name": <model>}, status
+    "200"/"404"), "mmi.models", "mmi.health"; any other "mmi.*" is "501".
+
+Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the identity)::
+
+    READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, capacity, pid, metadata, ...}>
+    REQUEST    ""  "MDPW01"  0x02  <client>  ""  <request-id>  <flags>  <header>  <tensor>...
+    REPLY      ""  "MDPW01"  0x03  <client>  ""  <request-id>  <status>  <header>  <tensor>...
+    HEARTBEAT  ""  "MDPW01"  0x04
+    DISCONNECT ""  "MDPW01"  0x05  [<info: msgpack {model, error}>]
+
+    flags      ASCII letters, "" for none; "S": run this request in a batch of its own (a retry
+               after a worker died with it in flight).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import msgpack
+import numpy as np
+
+from client.errors import PoolError, ProtocolError, error_from_wire
+
+CLIENT = b"MDPC01"
+WORKER = b"MDPW01"
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both directions
+HEARTBEAT_LIVENESS = 3  # heartbeats missed before a peer is taken for dead
+MAX_ID_BYTES = 255
+
+MMI_PREFIX = b"mmi."
+MMI_SERVICE = b"mmi.service"
+MMI_MODELS = b"mmi.models"
+MMI_HEALTH = b"mmi.health"
+
+FLAG_SOLO = b"S"
+
+OK = b"200"
+
+
+class Command(bytes, enum.Enum):
+    """MDP worker commands."""
+
+    READY = b"\x01"
+    REQUEST = b"\x02"
+    REPLY = b"\x03"
+    HEARTBEAT = b"\x04"
+    DISCONNECT = b"\x05"
+
+
+_COMMANDS = {c.value: c for c in Command}
+
+# Open Inference Protocol datatype names <-> numpy dtypes (little-endian on the wire).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_DTYPE_NAMES: dict[tuple[str, int], str] = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The OIP datatype name of a numpy dtype; raises ProtocolError for unsupported ones."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    name = _DTYPE_NAMES.get((dtype.kind, dtype.itemsize))
+    if name is None:
+        raise ProtocolError(f"dtype {dtype} has no wire datatype; use one of {', '.join(DATATYPES)} or BYTES")
+    return name
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack encoding used for every header."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_header(frame: Any) -> dict:
+    """Decode a msgpack header frame that must be a map; ProtocolError otherwise."""
+    try:
+        header = msgpack.unpackb(_bytes(frame), raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def _bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    raw = getattr(frame, "bytes", None)  # zmq.Frame
+    return raw if raw is not None else bytes(frame)
+
+
+def _check_id(value: bytes, what: str) -> bytes:
+    if not 0 < len(value) <= MAX_ID_BYTES:
+        raise ProtocolError(f"{what} must be 1 to {MAX_ID_BYTES} bytes, got {len(value)}")
+    return value
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def encode_tensor(name: str, value: Any) -> tuple[dict, Any]:
+    """(metadata, buffer) for one tensor; the buffer is sent as its own frame without copying."""
+    array = np.asarray(value)
+    datatype = datatype_of(array.dtype)
+    meta = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if datatype == "BYTES":
+        return meta, _encode_bytes(array)
+    dtype = DATATYPES[datatype]
+    if array.dtype != dtype:  # big-endian input, or a bool spelled differently
+        array = array.astype(dtype)
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    # memoryview.cast refuses 0-d views and views with a zero in their shape
+    return meta, memoryview(array).cast("B") if array.ndim and array.size else array.tobytes()
+
+
+def _encode_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        raw = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _decode_bytes(buffer: Any, count: int, name: str) -> np.ndarray:
+    raw = memoryview(buffer).cast("B")
+    if count * 4 > len(raw):  # every element has a 4-byte length; reject before allocating count objects
+        raise ProtocolError(f"tensor {name!r}: BYTES frame of {len(raw)} bytes cannot hold {count} elements")
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise ProtocolError(f"tensor {name!r}: BYTES frame ends inside element {i}")
+        size = int.from_bytes(raw[pos : pos + 4], "little")
+        pos += 4
+        if pos + size > len(raw):
+            raise ProtocolError(f"tensor {name!r}: BYTES element {i} runs past the frame")
+        out[i] = bytes(raw[pos : pos + size])
+        pos += size
+    if pos != len(raw):
+        raise ProtocolError(f"tensor {name!r}: {len(raw) - pos} bytes left after {count} BYTES elements")
+    return out
+
+
+def check_tensor_meta(meta: Any) -> tuple[str, str, tuple[int, ...]]:
+    """Validate one tensor's metadata map and return (name, datatype, shape)."""
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"tensor metadata must be a map, got {type(meta).__name__}")
+    name, datatype, shape = meta.get("name"), meta.get("datatype"), meta.get("shape")
+    if not isinstance(name, str):
+        raise ProtocolError(f"tensor name must be a string, got {name!r}")
+    if datatype != "BYTES" and (not isinstance(datatype, str) or datatype not in DATATYPES):
+        raise ProtocolError(
+            f"tensor {name!r}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}, BYTES"
+        )
+    valid = isinstance(shape, (list, tuple)) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
+    if not valid:
+        raise ProtocolError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    return name, datatype, tuple(shape)
+
+
+def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Arrays (read-only views over the frames, no copy) for a header's tensor list."""
+    if not isinstance(metas, (list, tuple)):
+        raise ProtocolError(f"tensor list must be an array of maps, got {type(metas).__name__}")
+    if len(metas) != len(frames):
+        raise ProtocolError(f"header lists {len(metas)} tensors but {len(frames)} tensor frames follow")
+    out: dict[str, np.ndarray] = {}
+    for meta, frame in zip(metas, frames):
+        name, datatype, shape = check_tensor_meta(meta)
+        if name in out:
+            raise ProtocolError(f"tensor {name!r} appears twice")
+        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+        count = 1
+        for d in shape:
+            count *= d
+        if datatype == "BYTES":
+            out[name] = _decode_bytes(buffer, count, name).reshape(shape)
+            continue
+        dtype = DATATYPES[datatype]
+        nbytes = memoryview(buffer).nbytes
+        if nbytes != count * dtype.itemsize:
+            raise ProtocolError(
+                f"tensor {name!r}: {datatype} shape {list(shape)} needs {count * dtype.itemsize} bytes, "
+                f"frame has {nbytes}"
+            )
+        out[name] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return out
+
+
+def encode_tensors(tensors: dict[str, Any] | Iterable[tuple[str, Any]]) -> tuple[list[dict], list[Any]]:
+    """(metadata list, frame list) for named tensors."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    metas, frames = [], []
+    for name, value in items:
+        meta, frame = encode_tensor(name, value)
+        metas.append(meta)
+        frames.append(frame)
+    return metas, frames
+
+
+# --- client <-> broker -----------------------------------------------------------------------
+
+
+class Request(NamedTuple):
+    """A parsed client request; tensor frames are left as received."""
+
+    model: bytes
+    rid: bytes
+    header: dict
+    tensors: list
+
+
+class Reply(NamedTuple):
+    """A parsed reply; ``header`` is decoded, tensors are left as received."""
+
+    model: bytes
+    rid: bytes
+    status: bytes
+    header: dict
+    tensors: list
+
+
+def encode_request(model: str | bytes, rid: bytes, header: dict, tensors: Sequence[Any] = ()) -> list:
+    """Frames a DEALER client sends (the leading empty frame included)."""
+    model_b = model.encode() if isinstance(model, str) else model
+    return [b"", CLIENT, model_b, rid, packb(header), *tensors]
+
+
+def parse_request(frames: Sequence[Any]) -> Request:
+    """Parse a client request as the broker's ROUTER sees it, after the identity frame."""
+    if len(frames) < 5:
+        raise ProtocolError(f"a request needs at least 5 frames ('', MDPC01, model, id, header), got {len(frames)}")
+    if _bytes(frames[0]) != b"":
+        raise ProtocolError("a request must start with an empty delimiter frame")
+    if _bytes(frames[1]) != CLIENT:
+        raise ProtocolError(f"unknown protocol {_bytes(frames[1])[:16]!r}, expected {CLIENT!r}")
+    model = _check_id(_bytes(frames[2]), "model name")
+    rid = _check_id(_bytes(frames[3]), "request-id")
+    return Request(model, rid, unpack_header(frames[4]), list(frames[5:]))
+
+
+def encode_reply(
+    model: bytes, rid: bytes, status: bytes, header: dict | bytes, tensors: Sequence[Any] = ()
+) -> list:
+    """Reply frames after the empty delimiter (the broker prepends identity and '')."""
+    packed = header if isinstance(header, bytes) else packb(header)
+    return [CLIENT, model, rid, status, packed, *tensors]
+
+
+def error_header(error: PoolError | type[PoolError], message: str | None = None) -> bytes:
+    """Packed error header for a typed error."""
+    cls = error if isinstance(error, type) else type(error)
+    text = message if message is not None else str(error)
+    return packb({"error": {"type": cls.__name__, "message": text}})
+
+
+def encode_error(model: bytes, rid: bytes, error: PoolError) -> list:
+    """Error reply frames after the empty delimiter."""
+    return [CLIENT, model, rid, error.status, error_header(error)]
+
+
+def parse_reply(frames: Sequence[Any]) -> Reply:
+    """Parse a reply as a DEALER client receives it (the empty frame first)."""
+    if len(frames) < 6:
+        raise ProtocolError(f"a reply needs at least 6 frames, got {len(frames)}")
+    if _bytes(frames[0]) != b"" or _bytes(frames[1]) != CLIENT:
+        raise ProtocolError("a reply must start with '', 'MDPC01'")
+    status = _bytes(frames[4])
+    if len(status) != 3 or not status.isdigit():
+        raise ProtocolError(f"status must be three ASCII digits, got {status[:8]!r}")
+    return Reply(_bytes(frames[2]), _bytes(frames[3]), status, unpack_header(frames[5]), list(frames[6:]))
+
+
+def reply_error(reply: Reply) -> PoolError | None:
+    """The typed error a reply carries, or None for status 200."""
+    if reply.status == OK:
+        return None
+    err = reply.header.get("error")
+    if not isinstance(err, dict):
+        return error_from_wire(reply.status, None, f"status {reply.status.decode()} with no error message")
+    type_name = err.get("type")
+    return error_from_wire(
+        reply.status, type_name if isinstance(type_name, str) else None, str(err.get("message", ""))
+    )
+
+
+# --- broker <-> worker -----------------------------------------------------------------------
+
+
+class WorkerMessage(NamedTuple):
+    """A parsed MDPW01 message; fields depend on the command (see module docstring)."""
+
+    command: Command
+    fields: list
+
+
+def encode_ready(model: str | bytes, info: dict) -> list:
+    """READY frames from a worker."""
+    model_b = model.encode() if isinstance(model, str) else model
+    return [b"", WORKER, Command.READY.value, model_b, packb(info)]
+
+
+def encode_heartbeat() -> list:
+    """HEARTBEAT frames, either direction."""
+    return [b"", WORKER, Command.HEARTBEAT.value]
+
+
+def encode_disconnect(info: dict | None = None) -> list:
+    """DISCONNECT frames, either direction; a worker that failed to load puts the reason in info."""
+    frames = [b"", WORKER, Command.DISCONNECT.value]
+    if info is not None:
+        frames.append(packb(info))
+    return frames
+
+
+def encode_worker_request(client: bytes, rid: bytes, flags: bytes, body: Sequence[Any]) -> list:
+    """REQUEST frames from the broker; ``body`` is the client's header and tensor frames, untouched."""
+    return [b"", WORKER, Command.REQUEST.value, client, b"", rid, flags, *body]
+
+
+def encode_worker_reply(
+    client: bytes, rid: bytes, status: bytes, header: dict | bytes, tensors: Sequence[Any] = ()
+) -> list:
+    """REPLY frames from a worker."""
+    packed = header if isinstance(header, bytes) else packb(header)
+    return [b"", WORKER, Command.REPLY.value, client, b"", rid, status, packed, *tensors]
+
+
+_MIN_FIELDS = {
+    Command.READY: 2,
+    Command.REQUEST: 5,
+    Command.REPLY: 5,
+    Command.HEARTBEAT: 0,
+    Command.DISCONNECT: 0,
+}
+
+
+def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
+    """Parse an MDPW01 message (after the ROUTER identity, if any); fields follow the command."""
+    if len(frames) < 3:
+        raise ProtocolError(f"a worker message needs at least 3 frames, got {len(frames)}")
+    if _bytes(frames[0]) != b"" or _bytes(frames[1]) != WORKER:
+        raise ProtocolError("a worker message must start with '', 'MDPW01'")
+    command = _COMMANDS.get(_bytes(frames[2]))
+    if command is None:
+        raise ProtocolError(f"unknown worker command {_bytes(frames[2])[:8]!r}")
+    fields = list(frames[3:])
+    if len(fields) < _MIN_FIELDS[command]:
+        raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} fields, got {len(fields)}")
+    if command in (Command.REQUEST, Command.REPLY):
+        fields[0] = _check_id(_bytes(fields[0]), "client address")
+        if _bytes(fields[1]) != b"":
+            raise ProtocolError(f"{command.name}: client address must be followed by an empty frame")
+        fields[2] = _check_id(_bytes(fields[2]), "request-id")
+        fields[3] = _bytes(fields[3])
+    elif command is Command.READY:
+        fields[0] = _check_id(_bytes(fields[0]), "model name")
+        fields[1] = unpack_header(fields[1])
+    elif command is Command.DISCONNECT and fields:
+        fields[0] = unpack_header(fields[0])
+    return WorkerMessage(command, fields)
+

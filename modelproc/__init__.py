@@ -1,0 +1,1 @@
+"""Model worker processes: one spawned interpreter per model replica (TensorFlow lives only here)."""

@@ -1,0 +1,26 @@
+"""The frozen, picklable description a spawned worker starts from (no TensorFlow here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker process needs; built by the supervisor, passed to the spawn target."""
+
+    model: str
+    path: str
+    backend: str
+    identity: bytes
+    version: str = "1"
+    max_batch_size: int = 32
+    max_delay_ms: float = 0.0
+    pad_to_bucket: bool = False
+    intra_threads: int = 1
+    inter_threads: int = 1
+    device: str = "cpu"
+    imports: tuple[str, ...] = ()
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    parent_pid: int = 0
+    log_level: str = "INFO"

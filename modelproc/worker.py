@@ -1,0 +1,299 @@
+"""The worker process: spawn target, environment set-up, and the batching serve loop.
+
+Nothing here imports TensorFlow at module level; ``main`` sets the environment first and only then
+imports ``modelproc.runner``.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import zmq
+
+from client import protocol
+from client.errors import InvalidInput, ModelError, PoolError, ProtocolError
+from client.protocol import Command
+from modelproc.spec import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+EXIT_LOAD_FAILED = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def main(spec: WorkerSpec) -> None:
+    """Spawn target: set the environment, load the model, serve until told to stop."""
+    _die_with_parent(spec.parent_pid)
+    configure_environment(spec)
+    logging.basicConfig(level=spec.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker[{spec.model}/{os.getpid()}] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when workers stop
+    worker = Worker(spec)
+    try:
+        runner = worker.load()
+    except Exception as exc:  # any loader error is reported, with its own message
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("model=%s failed to load from %s: %s", spec.model, spec.path, reason)
+        worker.report_load_failure(reason)
+        sys.exit(EXIT_LOAD_FAILED)
+    worker.serve(runner)
+
+
+def configure_environment(spec: WorkerSpec) -> None:
+    """Thread counts, devices and log level, before TensorFlow is imported."""
+    threads = str(spec.intra_threads)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["OMP_NUM_THREADS"] = threads
+    os.environ["TF_NUM_INTRAOP_THREADS"] = threads
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(spec.inter_threads)
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if spec.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    else:
+        _, _, index = spec.device.partition(":")
+        if index:
+            os.environ["CUDA_VISIBLE_DEVICES"] = index
+        os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the launcher dies; the serve loop checks too."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(1)  # the launcher died before prctl took effect
+
+
+class Worker:
+    """One model replica's connection to the broker and its serve loop."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.ctx = zmq.Context()
+        self.socket: zmq.Socket | None = None
+        self.model_b = spec.model.encode()
+        self.pending: deque = deque()
+        self.liveness = spec.heartbeat_liveness
+        self.broker_expiry = 0.0
+        self.last_sent = 0.0
+        self.running = True
+        self.metadata: dict = {}
+        self.served = 0
+
+    def _connect(self) -> zmq.Socket:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.spec.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.spec.backend)
+        self.socket = sock
+        return sock
+
+    def load(self) -> Any:
+        """Import TensorFlow (environment already set), load and warm up the model."""
+        started = time.monotonic()
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(self.spec.intra_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(self.spec.inter_threads)
+        from modelproc.runner import Runner
+
+        runner = Runner(self.spec.path, max_batch_size=self.spec.max_batch_size,
+                        pad_to_bucket=self.spec.pad_to_bucket, imports=self.spec.imports)
+        runner.warm_up()
+        self.metadata = runner.metadata(self.spec.model, self.spec.version)
+        log.info("model=%s loaded from %s in %.1fs (threads intra=%d inter=%d)", self.spec.model, self.spec.path,
+                 time.monotonic() - started, self.spec.intra_threads, self.spec.inter_threads)
+        return runner
+
+    def report_load_failure(self, reason: str) -> None:
+        """Tell the broker why this replica cannot serve, then leave."""
+        sock = self._connect()
+        sock.send_multipart(protocol.encode_disconnect({"model": self.spec.model, "error": reason}))
+        time.sleep(0.1)  # linger=0 would drop the message before it leaves
+        sock.close(linger=500)
+        self.ctx.term()
+
+    def _ready(self) -> None:
+        info = {"version": self.spec.version, "capacity": self.spec.max_batch_size,
+                "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata}
+        self._connect().send_multipart(protocol.encode_ready(self.model_b, info))
+        now = time.monotonic()
+        self.last_sent = now
+        self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def serve(self, runner: Any) -> None:
+        """Receive, batch, run, reply; heartbeat from this loop so a wedged call goes silent."""
+        self.runner = runner
+        self._ready()
+        interval = self.spec.heartbeat_interval
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while self.running:
+            timeout = 0 if self.pending else interval * 1000
+            if poller.poll(timeout):
+                self._drain()
+                if self.spec.max_delay_ms and self.pending:
+                    self._wait_for_more()
+            if self.pending:
+                self._run_pending()
+            self._housekeeping(poller)
+        log.info("model=%s worker leaving after %d requests", self.spec.model, self.served)
+        if self.socket is not None:
+            self.socket.close(linger=1000)
+        self.ctx.term()
+
+    def _housekeeping(self, poller: zmq.Poller) -> None:
+        now = time.monotonic()
+        if self.spec.parent_pid and os.getppid() != self.spec.parent_pid:
+            log.error("launcher pid=%d is gone; exiting", self.spec.parent_pid)
+            self.running = False
+            return
+        if now - self.last_sent >= self.spec.heartbeat_interval:
+            self.socket.send_multipart(protocol.encode_heartbeat())
+            self.last_sent = now
+        if now > self.broker_expiry:
+            log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
+                        + self.spec.heartbeat_interval * self.liveness)
+            poller.unregister(self.socket)
+            self.pending.clear()  # the broker that sent them is gone or has retried them
+            self._ready()
+            poller.register(self.socket, zmq.POLLIN)
+
+    def _drain(self) -> None:
+        rows = sum(r[4] for r in self.pending)
+        sock = self.socket
+        while rows < self.spec.max_batch_size:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            rows += self._handle(frames)
+
+    def _wait_for_more(self) -> None:
+        deadline = time.monotonic() + self.spec.max_delay_ms / 1000.0
+        rows = sum(r[4] for r in self.pending)
+        while rows < self.spec.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(left * 1000, zmq.POLLIN):
+                return
+            self._drain()
+            rows = sum(r[4] for r in self.pending)
+
+    def _handle(self, frames: list) -> int:
+        """Process one message from the broker; returns rows added to the pending batch."""
+        self.broker_expiry = time.monotonic() + self.spec.heartbeat_interval * self.liveness
+        try:
+            command, fields = protocol.parse_worker_message(frames)
+        except ProtocolError as exc:
+            log.warning("dropped malformed message from broker: %s", exc)
+            return 0
+        if command is Command.REQUEST:
+            return self._accept(fields)
+        if command is Command.DISCONNECT:
+            log.info("broker asked this worker to disconnect")
+            self.running = False
+        return 0
+
+    def _accept(self, fields: list) -> int:
+        client, rid, flags = fields[0], fields[2], fields[3]
+        try:
+            if len(fields) < 5:
+                raise ProtocolError("REQUEST carries no header frame")
+            header = protocol.unpack_header(fields[4])
+            if header.get("op") == "metadata":
+                self._reply(client, rid, protocol.OK, self.metadata)
+                return 0
+            if "op" in header:
+                raise InvalidInput(f"unknown op {header['op']!r}; the only op is 'metadata'")
+            tensors = protocol.decode_tensors(header.get("inputs", []), fields[5:])
+            inputs = self.runner.check_inputs(tensors)
+            key = self.runner.check_outputs(header.get("outputs"))
+        except PoolError as exc:
+            self._reply_error(client, rid, exc)
+            return 0
+        except Exception as exc:  # building a sub-model for a layer can fail in Keras
+            self._reply_error(client, rid, ModelError(f"{type(exc).__name__}: {exc}"))
+            return 0
+        rows = inputs[0].shape[0]
+        group = (key, tuple((x.dtype.str, x.shape[1:]) for x in inputs), flags == protocol.FLAG_SOLO and rid)
+        self.pending.append((client, rid, group, inputs, rows))
+        return rows
+
+    def _run_pending(self) -> None:
+        """Run up to max_batch_size rows of compatible requests as one call."""
+        limit = self.spec.max_batch_size
+        first = self.pending.popleft()
+        batch, rows, rest = [first], first[4], deque()
+        while self.pending:
+            item = self.pending.popleft()
+            if item[2] == first[2] and rows + item[4] <= limit and not first[2][2]:
+                batch.append(item)
+                rows += item[4]
+            else:
+                rest.append(item)
+        rest.extend(self.pending)
+        self.pending = rest
+        self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> None:
+        key = batch[0][2][0]
+        try:
+            if len(batch) == 1:
+                inputs = batch[0][3]
+            else:
+                inputs = [np.concatenate([item[3][i] for item in batch]) for i in range(len(batch[0][3]))]
+            outputs = self._call(inputs, key)
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:  # find the request that fails, answer the others
+                    self._run_batch([item])
+                return
+            log.warning("model=%s raised on request rid=%r: %s: %s", self.spec.model, batch[0][1][:32],
+                        type(exc).__name__, exc)
+            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {type(exc).__name__}: {exc}"))
+            return
+        start = 0
+        for client, rid, _, _, rows in batch:
+            metas, frames = [], []
+            for spec, array in outputs:
+                part = array[start:start + rows]
+                meta, frame = protocol.encode_tensor(spec.name, part)
+                metas.append(meta)
+                frames.append(frame)
+            start += rows
+            header = {"model_name": self.spec.model, "model_version": self.spec.version, "outputs": metas}
+            self._reply(client, rid, protocol.OK, header, frames)
+            self.served += 1
+
+    def _call(self, inputs: list, key: tuple) -> list:
+        limit = self.spec.max_batch_size
+        rows = inputs[0].shape[0]
+        if rows <= limit:
+            return self.runner.run(inputs, key)
+        parts = [self.runner.run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
+        return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
+
+    def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
+        self.socket.send_multipart(protocol.encode_worker_reply(client, rid, status, header, tensors), copy=False)
+        self.last_sent = time.monotonic()
+
+    def _reply_error(self, client: bytes, rid: bytes, error: PoolError) -> None:
+        self.socket.send_multipart(
+            protocol.encode_worker_reply(client, rid, error.status, protocol.error_header(error)))
+        self.last_sent = time.monotonic()
+
