@@ -281,8 +281,11 @@ class PoolState:
 
     def _mmi_service(self, client: bytes, rid: bytes, header: dict) -> None:
         name = str(header.get("name", "")).encode()
-        status = protocol.OK if name in self.models else b"404"
-        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, status, protocol.packb({"name": name.decode()})])
+        if name in self.models:
+            self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, protocol.OK,
+                                        protocol.packb({"name": name.decode()})])
+        else:
+            self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {name.decode()!r} is not served here"))
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
         body = {"models": [entry.summary() for entry in self.models.values()]}

@@ -1,0 +1,53 @@
+"""Keras layers for fault-injection models; workers import this module through the `imports` key."""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+POISON_EXIT = -999.0  # first feature of a row that makes the worker process vanish (os._exit)
+POISON_SEGV = -777.0  # first feature of a row that makes the worker segfault inside native code
+RAISE_VALUE = -555.0  # first feature of a row that makes the layer raise
+
+
+def _check(x: np.ndarray) -> np.ndarray:
+    first = x[:, 0]
+    if np.any(first == POISON_EXIT):
+        os._exit(17)
+    if np.any(first == POISON_SEGV):
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    if np.any(first == RAISE_VALUE):
+        raise ValueError("this model refuses rows starting with -555")
+    return x
+
+
+def _sleep(x: np.ndarray) -> np.ndarray:
+    # Second feature of the first row = seconds to sleep (bounded); simulates slow or hung models.
+    seconds = float(x[0, 1]) if x.shape[1] > 1 else 0.0
+    if 0 < seconds <= 60:
+        time.sleep(seconds)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class Poison(keras.layers.Layer):
+    """Identity, except for the magic rows above."""
+
+    def call(self, x):
+        y = tf.numpy_function(_check, [x], x.dtype, stateful=True)
+        y.set_shape(x.shape)
+        return y
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class Sleep(keras.layers.Layer):
+    """Identity that sleeps x[0, 1] seconds per batch."""
+
+    def call(self, x):
+        y = tf.numpy_function(_sleep, [x], x.dtype, stateful=True)
+        y.set_shape(x.shape)
+        return y
