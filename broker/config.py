@@ -1,6 +1,7 @@
 """Pool configuration: frozen dataclasses validated on construction, loaded from TOML."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -41,7 +42,8 @@ class ModelConfig:
         _positive_int(self.max_queue, f"{where}.max_queue")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
             raise ConfigError(f"{where}.threads must be an integer >= 0 (0 = automatic), got {self.threads!r}")
-        if not isinstance(self.max_delay_ms, (int, float)) or isinstance(self.max_delay_ms, bool) or self.max_delay_ms < 0:
+        if (not isinstance(self.max_delay_ms, (int, float)) or isinstance(self.max_delay_ms, bool)
+                or not math.isfinite(self.max_delay_ms) or self.max_delay_ms < 0):  # TOML allows nan and inf
             raise ConfigError(f"{where}.max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
         if not isinstance(self.pad_to_bucket, bool):
             raise ConfigError(f"{where}.pad_to_bucket must be true or false, got {self.pad_to_bucket!r}")
@@ -87,9 +89,9 @@ class PoolConfig:
         _positive_int(self.heartbeat_liveness, "pool.heartbeat_liveness")
         for key in ("heartbeat_interval", "hang_timeout", "drain_timeout", "restart_backoff_max"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"pool.{key} must be a positive number of seconds, got {value!r}")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        if not isinstance(self.log_level, str) or self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"pool.log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
     def with_overrides(self, **changes: Any) -> PoolConfig:
@@ -146,8 +148,8 @@ def load(path: str | os.PathLike) -> PoolConfig:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     return from_dict(data, p.parent.resolve())
 

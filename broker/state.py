@@ -10,6 +10,7 @@ import enum
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -199,6 +200,7 @@ class PoolState:
         entry = self.models.get(model.encode())
         if entry is None:
             return
+        log.error("model=%s failed to load: %s", model, reason)
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
@@ -247,7 +249,9 @@ class PoolState:
     def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
         name = entry.name.decode(errors="replace")
         timeout_ms = header.get("timeout_ms")
-        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0):
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                                       or not math.isfinite(timeout_ms) or timeout_ms < 0):
+            # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
             return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {timeout_ms!r}")
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")
@@ -323,8 +327,8 @@ class PoolState:
             self._worker_ready(identity, worker, fields[0], fields[1])
         elif command is protocol.Command.HEARTBEAT:
             if worker is None:
-                # A worker we do not know (the broker restarted): ask it to register again.
-                self.outbox_workers.append([identity, *protocol.encode_disconnect()])
+                # A worker we do not know (this broker restarted): ask it to register again.
+                self.outbox_workers.append([identity, *protocol.encode_disconnect({"reconnect": True})])
         elif command is protocol.Command.DISCONNECT:
             info = fields[0] if fields else {}
             self._worker_disconnect(identity, worker, info)
@@ -365,6 +369,8 @@ class PoolState:
         if pending is None:
             log.warning("reply for unknown request worker=%r rid=%r dropped", worker.identity, rid[:32])
             return
+        # The deadline heap keeps this Pending until its deadline passes: let go of the tensors now.
+        pending.where, pending.body = DONE, []
         entry = self.models[worker.model]
         if status == protocol.OK:
             entry.served += 1
@@ -394,7 +400,7 @@ class PoolState:
             if pending.crashes >= 1:
                 entry.crashed += 1
                 entry.errors += 1
-                pending.where = DONE
+                pending.where, pending.body = DONE, []
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
                     f"request crashed a worker of model {entry.name.decode(errors='replace')!r} "
                     f"({reason}) twice; it is not retried again"))
@@ -447,13 +453,20 @@ class PoolState:
             if pending.deadline is not None and pending.deadline <= now:
                 self._expire(entry, pending)
                 continue
+            key = (pending.client, pending.rid)
+            if key in best.inflight:
+                pending.where, pending.body = DONE, []
+                entry.errors += 1
+                self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
+                    "request-id is already in flight from this client; use a new id for every request"))
+                continue
             pending.where = INFLIGHT
-            best.inflight[(pending.client, pending.rid)] = pending
+            best.inflight[key] = pending
             self.outbox_workers.append([best.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
                                         pending.client, b"", pending.rid, pending.flags, *pending.body])
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
-        pending.where = DONE
+        pending.where, pending.body = DONE, []
         entry.errors += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
             f"deadline passed after waiting in the queue of model {entry.name.decode(errors='replace')!r}; "
@@ -463,7 +476,7 @@ class PoolState:
         while entry.queue:
             pending = entry.queue.popleft()
             if pending.where is QUEUED:
-                pending.where = DONE
+                pending.where, pending.body = DONE, []
                 entry.queued -= 1
                 entry.errors += 1
                 self._reply_error(pending.client, pending.model, pending.rid, error)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -46,7 +47,7 @@ class RequestBuilder:
         if outputs:
             header["outputs"] = [{"name": name} for name in outputs]
         if timeout is not None:
-            header["timeout_ms"] = max(0, int(timeout * 1000))
+            header["timeout_ms"] = max(1, math.ceil(timeout * 1000))
         if parameters:
             header["parameters"] = parameters
         return self.request(model, header, tensors)

@@ -90,6 +90,7 @@ class Worker:
         self.running = True
         self.metadata: dict = {}
         self.served = 0
+        self._reregister = False
 
     def _connect(self) -> zmq.Socket:
         if self.socket is not None:
@@ -166,9 +167,13 @@ class Worker:
         if now - self.last_sent >= self.spec.heartbeat_interval:
             self.socket.send_multipart(protocol.encode_heartbeat())
             self.last_sent = now
-        if now > self.broker_expiry:
-            log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
-                        + self.spec.heartbeat_interval * self.liveness)
+        if now > self.broker_expiry and self.socket.poll(0, zmq.POLLIN):
+            return  # messages wait after a long call: the broker is alive, the next drain reads them
+        if now > self.broker_expiry or self._reregister:
+            if not self._reregister:
+                log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
+                            + self.spec.heartbeat_interval * self.liveness)
+            self._reregister = False
             poller.unregister(self.socket)
             self.pending.clear()  # the broker that sent them is gone or has retried them
             self._ready()
@@ -205,8 +210,13 @@ class Worker:
         if command is Command.REQUEST:
             return self._accept(fields)
         if command is Command.DISCONNECT:
-            log.info("broker asked this worker to disconnect")
-            self.running = False
+            info = fields[0] if fields and isinstance(fields[0], dict) else {}
+            if info.get("reconnect"):
+                log.info("broker does not know this worker (it restarted?); registering again")
+                self._reregister = True
+            else:
+                log.info("broker asked this worker to disconnect")
+                self.running = False
         return 0
 
     def _accept(self, fields: list) -> int:

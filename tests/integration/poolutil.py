@@ -104,10 +104,12 @@ class Pool:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Stop the launcher; every worker it started must be gone too."""
-        try:
-            pids = self.worker_pids()
-        except Exception:
-            pids = []
+        pids = []
+        if self.proc.poll() is None:
+            try:
+                pids = self.worker_pids()
+            except Exception:  # the launcher may be past answering
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
