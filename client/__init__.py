@@ -13,9 +13,11 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
+from client.aio import AsyncClient
 from client.sync import Client
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "InvalidInput",
     "ModelError",

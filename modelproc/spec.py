@@ -22,5 +22,6 @@ class WorkerSpec:
     imports: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
-    parent_pid: int = 0
+    parent_pid: int = 0  # local workers exit when this process is gone; 0 for a remote worker
+    orphan_timeout: float = 0.0  # remote workers: exit after this long without a broker (0 = never)
     log_level: str = "INFO"

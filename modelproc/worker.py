@@ -30,12 +30,17 @@ _PR_SET_PDEATHSIG = 1
 
 def main(spec: WorkerSpec) -> None:
     """Spawn target: set the environment, load the model, serve until told to stop."""
-    _die_with_parent(spec.parent_pid)
+    if spec.parent_pid:
+        _die_with_parent(spec.parent_pid)
     configure_environment(spec)
     logging.basicConfig(level=spec.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker[{spec.model}/{os.getpid()}] %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when workers stop
     worker = Worker(spec)
+    if spec.parent_pid:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when local workers stop
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a remote worker stops on its own signals
+            signal.signal(sig, lambda signum, frame: worker.stop())
     try:
         runner = worker.load()
     except Exception as exc:  # any loader error is reported, with its own message
@@ -91,6 +96,11 @@ class Worker:
         self.metadata: dict = {}
         self.served = 0
         self._reregister = False
+        self._broker_lost_since: float | None = None
+
+    def stop(self) -> None:
+        """Leave the serve loop after the current batch (signal-handler safe)."""
+        self.running = False
 
     def _connect(self) -> zmq.Socket:
         if self.socket is not None:
@@ -169,6 +179,12 @@ class Worker:
             self.last_sent = now
         if now > self.broker_expiry and self.socket.poll(0, zmq.POLLIN):
             return  # messages wait after a long call: the broker is alive, the next drain reads them
+        if now > self.broker_expiry and self.spec.orphan_timeout:
+            self._broker_lost_since = self._broker_lost_since or now
+            if now - self._broker_lost_since > self.spec.orphan_timeout:
+                log.error("no broker for %.0fs; exiting", now - self._broker_lost_since)
+                self.running = False
+                return
         if now > self.broker_expiry or self._reregister:
             if not self._reregister:
                 log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
@@ -202,6 +218,7 @@ class Worker:
     def _handle(self, frames: list) -> int:
         """Process one message from the broker; returns rows added to the pending batch."""
         self.broker_expiry = time.monotonic() + self.spec.heartbeat_interval * self.liveness
+        self._broker_lost_since = None
         try:
             command, fields = protocol.parse_worker_message(frames)
         except ProtocolError as exc:
@@ -307,3 +324,41 @@ class Worker:
             protocol.encode_worker_reply(client, rid, error.status, protocol.error_header(error)))
         self.last_sent = time.monotonic()
 
+
+
+def standalone(argv: list[str] | None = None) -> int:
+    """A worker started by hand (or an orchestrator) that registers with a broker's backend over TCP."""
+    import argparse
+    import socket
+
+    parser = argparse.ArgumentParser(prog="modelpool worker", description="Serve one model replica for a "
+                                     "remote modelpool broker: connect to its backend and register.")
+    parser.add_argument("--backend", required=True, help="broker backend endpoint, e.g. tcp://10.0.0.5:5556")
+    parser.add_argument("--name", required=True, help="model name clients use")
+    parser.add_argument("--path", required=True, help=".keras, .h5 or SavedModel directory")
+    parser.add_argument("--version", default="1")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-delay-ms", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0 = all cores)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--imports", nargs="*", default=[], help="modules to import first (custom layers)")
+    parser.add_argument("--heartbeat-interval", type=float, default=protocol.HEARTBEAT_INTERVAL)
+    parser.add_argument("--heartbeat-liveness", type=int, default=protocol.HEARTBEAT_LIVENESS)
+    parser.add_argument("--orphan-timeout", type=float, default=300.0,
+                        help="exit after this many seconds without a broker (0 = never)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    identity = f"{args.name}/remote-{socket.gethostname()}-{os.getpid()}".encode()[: protocol.MAX_ID_BYTES]
+    main(WorkerSpec(
+        model=args.name, path=args.path, backend=args.backend, identity=identity, version=args.version,
+        max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, intra_threads=threads,
+        inter_threads=1 if threads <= 2 else 2, device=args.device, imports=tuple(args.imports),
+        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
+        orphan_timeout=args.orphan_timeout, log_level=args.log_level,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(standalone())

@@ -592,6 +592,8 @@ def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, repl
     system = f"ray-serve-{replicas}"
     rows: list[Row] = []
     started = perf()
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
     try:
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  configure_logging=True)
@@ -609,8 +611,11 @@ def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, repl
         rows.append(win.row(wl, system, SEQ))
         rows[-1].note = "DeploymentHandle .result()"
         for n in args.concurrency:
+            wall0, cpu0 = perf(), time.process_time()
             win = coroutine_load(lambda: handle.remote(x1), n, args.warmup, args.seconds)
             rows.append(win.row(wl, system, n))
+            gen = (time.process_time() - cpu0) / (perf() - wall0) * 100
+            rows[-1].note = (rows[-1].note + "; " if rows[-1].note else "") + f"cpu% gen {gen:.0f}"
             if win.note or win.errors:
                 log(f"{system} at {n} in flight: {win.note} errors={dict(win.errors)}")
     finally:
@@ -959,7 +964,8 @@ def run_workload(wl: str, args: argparse.Namespace, tmp: Path, notes: list[str])
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through the finally blocks that stop pools
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     command = command_line(argv)

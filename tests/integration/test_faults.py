@@ -317,3 +317,55 @@ def test_sigkill_of_launcher_leaves_no_worker(models):
     wait_until(lambda: not any(process_alive(pid) for pid in pids), 10.0, 0.05, "orphan workers gone")
     print(f"\nworkers gone {time.monotonic() - started:.2f}s after the launcher was SIGKILLed")
     p.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
+    import subprocess
+    import sys
+
+    from poolutil import HERE, REPO
+
+    backend = f"tcp://127.0.0.1:{_free_port()}"
+    frontend = f"ipc://{tmp_path}/front.ipc"
+    spec = [{"name": "a", "path": str(models.a)}]
+    first = Pool(spec, backend=backend, frontend=frontend)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "modelproc.worker", "--backend", backend, "--name", "a", "--path", str(models.a),
+         "--heartbeat-interval", "0.25", "--heartbeat-liveness", "8", "--orphan-timeout", "120", "--threads", "1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        def remote_ready(pool):
+            ids = [w["id"] for m in pool.client.models(timeout=2.0) for w in m["workers"]]
+            return any("remote" in i for i in ids)
+
+        wait_until(lambda: remote_ready(first), 120.0, 0.2, "remote worker registered")
+        first.proc.kill()  # the broker vanishes without a goodbye
+        first.stop()
+        assert remote.poll() is None, "the remote worker must outlive a lost broker (it waits for it)"
+        second = Pool(spec, backend=backend, frontend=frontend)
+        started = time.monotonic()
+        wait_until(lambda: remote_ready(second), 60.0, 0.1, "remote worker registered again")
+        print(f"\nremote worker re-registered {time.monotonic() - started:.2f}s after the new broker was ready")
+        x = np.full((3, 8), 0.1, "float32")
+        for _ in range(20):
+            np.testing.assert_allclose(second.client.predict("a", x), _expected(models.keras["a"], x),
+                                       rtol=1e-5, atol=1e-5)
+        assert second.stop() == 0
+        second = None
+        assert remote.wait(30) == 0  # the graceful stop told it to leave
+    finally:
+        if second is not None:
+            second.stop()
+        if remote.poll() is None:
+            remote.kill()
+            remote.wait(10)
