@@ -20,10 +20,15 @@ from broker.config import PoolConfig
 from broker.state import PoolState
 from broker.supervisor import Slot, Supervisor
 from client.protocol import encode_disconnect
+from client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
 _DRAIN_BATCH = 256  # messages taken from one socket before looking at the other
+# Index of the first tensor frame, identity included: tensors stay zero-copy zmq.Frames, the
+# small control frames before them arrive as bytes (see client.transport).
+_CLIENT_TENSORS = 6  # identity "" MDPC01 model rid header | tensor...
+_WORKER_TENSORS = 9  # identity "" MDPW01 command client "" rid status header | tensor...
 
 
 class Broker:
@@ -144,20 +149,20 @@ class Broker:
         sock, handle = self.frontend, self.state.client_message
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, _CLIENT_TENSORS)
             except zmq.Again:
                 return
-            handle(frames[0].bytes, frames[1:])
+            handle(frames[0], frames[1:])
             self._flush()
 
     def _drain_backend(self) -> None:
         sock, handle, sup = self.backend, self.state.worker_message, self.supervisor
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, _WORKER_TENSORS)
             except zmq.Again:
                 return
-            identity = frames[0].bytes
+            identity = frames[0]
             handle(identity, frames[1:])
             if sup is not None and identity in self.state.workers and sup.mark_ready(identity):
                 self._sync_starting()
@@ -166,14 +171,14 @@ class Broker:
     def _flush(self) -> None:
         state = self.state
         if state.outbox_clients:
-            send = self.frontend.send_multipart
+            sock = self.frontend
             for frames in state.outbox_clients:
-                send(frames, copy=False)
+                send_frames(sock, frames)
             state.outbox_clients.clear()
         if state.outbox_workers:
-            send = self.backend.send_multipart
+            sock = self.backend
             for frames in state.outbox_workers:
-                send(frames, copy=False)
+                send_frames(sock, frames)
             state.outbox_workers.clear()
 
     def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict) -> dict:

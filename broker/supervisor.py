@@ -113,7 +113,7 @@ class Supervisor:
     def reap(self, slot: Slot) -> str:
         """Collect an exited worker, schedule its restart; returns why it exited."""
         process = slot.process
-        process.join(0)
+        process.join(2.0)  # the sentinel fired: the process is exiting, waitpid may lag a moment
         code = process.exitcode
         was_ready = slot.ready_since is not None
         now = self.now()

@@ -122,19 +122,26 @@ class AsyncClient:
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             try:
-                frames = await sock.recv_multipart(copy=False)
+                self._dispatch(await sock.recv_multipart(copy=False))
+                # then take what else has arrived without a round through the event loop per message
+                while True:
+                    self._dispatch(sock.recv_multipart(zmq.NOBLOCK, copy=False).result())
+            except zmq.Again:
+                continue
             except zmq.ZMQError:  # closed under us: a replaced socket or a closed client
                 return
-            try:
-                reply = protocol.parse_reply(frames)
-            except ProtocolError as exc:
-                log.debug("dropped a malformed reply from %s: %s", self.endpoint, exc)
-                continue
-            future = self._pending.pop(reply.rid, None)
-            if future is None or future.done():
-                self._late += 1
-            else:
-                future.set_result(reply)
+
+    def _dispatch(self, frames: list) -> None:
+        try:
+            reply = protocol.parse_reply(frames)
+        except ProtocolError as exc:
+            log.debug("dropped a malformed reply from %s: %s", self.endpoint, exc)
+            return
+        future = self._pending.pop(reply.rid, None)
+        if future is None or future.done():
+            self._late += 1
+        else:
+            future.set_result(reply)
 
     def _replace_socket(self, reason: Callable[[], BaseException]) -> None:
         """Close the socket (linger 0) and stop its reader; requests in flight on it fail with ``reason()``."""

@@ -116,7 +116,7 @@ def attempt_timeout(wait: float, tries: int) -> float:
 
 def timeout_error(wait: float, endpoint: str, tries: int) -> RequestTimeout:
     """The RequestTimeout raised when no try of a request was answered."""
-    sent = f" (sent {tries} times, on a fresh socket each time)" if tries > 1 else ""
+    sent = f" (sent {tries} times, each resend on a fresh socket)" if tries > 1 else ""
     return RequestTimeout(f"no reply within {wait:.3f}s from {endpoint}{sent}; is the pool running there?")
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -109,8 +110,10 @@ class _Pipe:
     def wait(self) -> list[tuple[_Entry, Any]]:
         """Block until some requests are answered or run out of time; (entry, Reply or error) for each."""
         timeout = self.timeout_ms(time.monotonic())
-        if timeout and self.sock is not None and self.sock.poll(timeout, zmq.POLLIN):
-            return self.receive()
+        if self.sock is not None and self.sock.poll(timeout, zmq.POLLIN):
+            done = self.receive()
+            if done:
+                return done
         return self.expire(time.monotonic())
 
     def receive(self) -> list[tuple[_Entry, Any]]:
@@ -188,6 +191,7 @@ class _Dispatcher:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_lock = threading.Lock()  # the thread closes the pipe on its way out; nobody writes after
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="modelpool-client-io", daemon=True)
         self._thread.start()
@@ -202,33 +206,40 @@ class _Dispatcher:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # the pipe is full (the thread is awake anyway) or already closed
-            pass
+        with self._pipe_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:  # the pipe is full: the thread is awake anyway
+                pass
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Stop the thread; requests not answered yet are cancelled. True once the thread has ended."""
+    def request_stop(self) -> None:
+        """Ask the thread to finish (requests not answered yet are cancelled) without waiting for it."""
         self._stopping = True
         self._wake()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the thread and wait for it; True once it has ended."""
+        self.request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("modelpool client I/O thread did not stop within %.0fs", timeout)
             return False
-        self._close_pipe()
         return True
 
     def forget(self) -> None:
         """In a forked child: the thread does not exist here; release this process's copies of the pipe."""
+        # Single-threaded here, and the lock may have been held by a thread of the parent: do not take it.
+        self._pipe_lock = threading.Lock()
         self._close_pipe()
 
     def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        with self._pipe_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def _run(self) -> None:
         pipe = _Pipe(self._builder, self._endpoint, lambda: open_dealer(self._ctx, self._endpoint),
@@ -262,6 +273,7 @@ class _Dispatcher:
             for entry in [*pipe.pending.values(), *self._inbox]:
                 entry.tag.cancel()
             pipe.reset()
+            self._close_pipe()
 
     def _admit(self, pipe: _Pipe) -> None:
         now = time.monotonic()
@@ -501,6 +513,8 @@ class Client:
                     raise RuntimeError("client is closed")
                 if self._dispatcher is None or not self._dispatcher.alive:
                     self._dispatcher = _Dispatcher(ctx, self.endpoint, self._builder)
+                    # a client dropped without close() must not leave its thread behind
+                    weakref.finalize(self, self._dispatcher.request_stop)
                 dispatcher = self._dispatcher
         return dispatcher
 

@@ -20,11 +20,13 @@ import zmq
 from client import protocol
 from client.errors import InvalidInput, ModelError, PoolError, ProtocolError
 from client.protocol import Command
+from client.transport import recv_frames, send_frames
 from modelproc.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
 EXIT_LOAD_FAILED = 3
+_FIRST_TENSOR = 8  # "" MDPW01 command client "" rid flags header | tensor...
 _PR_SET_PDEATHSIG = 1
 
 
@@ -200,7 +202,7 @@ class Worker:
         sock = self.socket
         while rows < self.spec.max_batch_size:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, _FIRST_TENSOR)
             except zmq.Again:
                 return
             rows += self._handle(frames)
@@ -316,12 +318,11 @@ class Worker:
         return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
-        self.socket.send_multipart(protocol.encode_worker_reply(client, rid, status, header, tensors), copy=False)
+        send_frames(self.socket, protocol.encode_worker_reply(client, rid, status, header, tensors))
         self.last_sent = time.monotonic()
 
     def _reply_error(self, client: bytes, rid: bytes, error: PoolError) -> None:
-        self.socket.send_multipart(
-            protocol.encode_worker_reply(client, rid, error.status, protocol.error_header(error)))
+        send_frames(self.socket, protocol.encode_worker_reply(client, rid, error.status, protocol.error_header(error)))
         self.last_sent = time.monotonic()
 
 

@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python scripts/bench.py` puts scripts/ first, not the repo
@@ -319,11 +319,16 @@ def threads_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: floa
     return win
 
 
-def coroutine_load(call: Callable[[], Any], n: int, warmup: float, seconds: float) -> Window:
-    """N coroutines on one event loop, each awaiting ``call()`` in a loop."""
+def coroutine_load(open_call: Callable[[], Awaitable[tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]]],
+                   n: int, warmup: float, seconds: float) -> Window:
+    """N coroutines on one event loop, each awaiting ``call()`` in a loop.
+
+    ``open_call()`` runs inside the loop and returns ``(call, close)``, so that loop-bound clients are
+    made and closed on the loop that uses them.
+    """
     win = Window(warmup, seconds)
 
-    async def loop() -> None:
+    async def loop(call: Callable[[], Awaitable[Any]]) -> None:
         while win.open():
             t0 = perf()
             try:
@@ -334,13 +339,22 @@ def coroutine_load(call: Callable[[], Any], n: int, warmup: float, seconds: floa
             win.record(t0, perf())
 
     async def main() -> None:
-        await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(n))), win.end - perf() + STALL_SECONDS)
+        call, close = await open_call()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(loop(call) for _ in range(n))),
+                                   win.end - perf() + STALL_SECONDS)
+        finally:
+            await close()
 
     try:
         asyncio.run(main())
     except asyncio.TimeoutError:
         win.note = "stalled"
     return win
+
+
+async def _nothing() -> None:
+    return None
 
 
 def async_client_class() -> Any:
@@ -355,20 +369,16 @@ def async_client_class() -> Any:
 def asyncclient_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float, seconds: float) -> Window:
     """N coroutines sharing one client.aio.AsyncClient."""
     cls = async_client_class()
-    holder: dict = {}
 
-    async def call() -> Any:
-        if "c" not in holder:
-            holder["c"] = cls(endpoint)
-        return await holder["c"].predict(model, x1)
+    async def open_call() -> tuple:
+        client = cls(endpoint)
 
-    win = coroutine_load(call, n, warmup, seconds)
-    client = holder.get("c")
-    if client is not None:
-        result = client.close()
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
-    return win
+        async def close() -> None:
+            await client.close()
+
+        return (lambda: client.predict(model, x1)), close
+
+    return coroutine_load(open_call, n, warmup, seconds)
 
 
 GENERATORS = {"dealer": dealer_load, "threads": threads_load, "async": asyncclient_load}
@@ -509,8 +519,8 @@ class PoolProcess:
 
 
 def bench_modelpool(wl: str, path: str, x1: np.ndarray, replicas: int, tmp: Path,
-                    args: argparse.Namespace) -> list[Row]:
-    """Start a pool with the real launcher, measure it, stop it."""
+                    args: argparse.Namespace, rows: list[Row]) -> None:
+    """Start a pool with the real launcher, measure it into ``rows``, stop it."""
     system = f"modelpool-{replicas}"
     model = {"name": wl, "path": path, "replicas": replicas, "max_batch_size": args.max_batch[wl],
              "pad_to_bucket": args.pad_to_bucket}
@@ -519,7 +529,6 @@ def bench_modelpool(wl: str, path: str, x1: np.ndarray, replicas: int, tmp: Path
     started = perf()
     pool = PoolProcess(tmp, model)
     sampler = None
-    rows: list[Row] = []
     try:
         entry = pool.wait_ready(args.ready_timeout)
         pids = [w["pid"] for w in entry["workers"] if w.get("pid")]
@@ -554,7 +563,6 @@ def bench_modelpool(wl: str, path: str, x1: np.ndarray, replicas: int, tmp: Path
         code = pool.stop()
         if code not in (0, None):
             log(f"{system}: launcher exited with {code}; log tail:\n{pool.log_tail()}")
-    return rows
 
 
 def _with_rss(row: Row, sampler: RssSampler) -> Row:
@@ -562,6 +570,60 @@ def _with_rss(row: Row, sampler: RssSampler) -> Row:
     row.workers_rss_mb = sampler.peak_workers
     row.note = (row.note + "; " if row.note else "") + sampler.cpu_text()
     return row
+
+
+def _proc_start(pid: int) -> int | None:
+    """The start time of a process (clock ticks since boot), to tell it from a later one with the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every live process below ``root``."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children[ppid].append(int(entry))
+    out, todo = {}, [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            start = _proc_start(pid)
+            if start is not None:
+                out[pid] = start
+                todo.append(pid)
+    return out
+
+
+def kill_leftovers(snapshot: dict[int, int], grace: float) -> list[int]:
+    """SIGKILL the processes of ``snapshot`` still alive after ``grace`` seconds; returns their pids."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p, s) for p, s in snapshot.items()):
+        time.sleep(0.2)
+    left = [p for p, s in snapshot.items() if _alive(p, s)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _alive(pid: int, start: int) -> bool:
+    if _proc_start(pid) != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # --- Ray Serve -------------------------------------------------------------------------------
@@ -576,7 +638,8 @@ def ray_available() -> bool:
     return True
 
 
-def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, replicas: int = 2) -> list[Row]:
+def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, rows: list[Row],
+              replicas: int = 2) -> None:
     """Ray Serve, N replicas with @serve.batch, driven through a DeploymentHandle from this process."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's workers inherit this: they may need to import this module and `client` by name
@@ -590,13 +653,14 @@ def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, repl
     threads = max(1, cores // replicas)  # the same share of the cores modelpool gives each replica
     max_batch = args.max_batch[wl]
     system = f"ray-serve-{replicas}"
-    rows: list[Row] = []
+    ray_procs: dict[int, int] = {}
     started = perf()
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     try:
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  configure_logging=True)
+        install_signal_handlers()  # Ray's core replaced SIGTERM with a handler that dies without cleanup
         serve.start(proxy_location="Disabled", logging_config={"log_level": "ERROR"})
         deployment = serve.deployment(
             _ray_model_class(), name=wl, num_replicas=replicas, max_ongoing_requests=max_batch,
@@ -605,6 +669,7 @@ def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, repl
         handle = serve.run(deployment.bind(path, threads, max_batch, args.ray_batch_wait_ms / 1000.0),
                            name=f"bench-{wl}", route_prefix=None)
         log(f"{system}: ready in {perf() - started:.1f}s")
+        ray_procs.update(descendants(os.getpid()))
         for _ in range(5):
             handle.remote(x1).result()
         win = sequential(lambda: handle.remote(x1).result(), args.warmup, args.seconds)
@@ -612,19 +677,25 @@ def bench_ray(wl: str, path: str, x1: np.ndarray, args: argparse.Namespace, repl
         rows[-1].note = "DeploymentHandle .result()"
         for n in args.concurrency:
             wall0, cpu0 = perf(), time.process_time()
-            win = coroutine_load(lambda: handle.remote(x1), n, args.warmup, args.seconds)
+            async def open_call() -> tuple:
+                return (lambda: handle.remote(x1)), _nothing
+
+            win = coroutine_load(open_call, n, args.warmup, args.seconds)
             rows.append(win.row(wl, system, n))
             gen = (time.process_time() - cpu0) / (perf() - wall0) * 100
             rows[-1].note = (rows[-1].note + "; " if rows[-1].note else "") + f"cpu% gen {gen:.0f}"
             if win.note or win.errors:
                 log(f"{system} at {n} in flight: {win.note} errors={dict(win.errors)}")
     finally:
+        ray_procs.update(descendants(os.getpid()))
         try:
             serve.shutdown()
         except Exception as exc:  # Ray may already be half down after an interrupt
             log(f"serve.shutdown: {exc}")
         ray.shutdown()
-    return rows
+        left = kill_leftovers(ray_procs, 10.0)
+        if left:
+            log(f"killed Ray processes left after ray.shutdown(): {left}")
 
 
 def _ray_model_class() -> type:
@@ -780,22 +851,31 @@ def markdown(rows: list[Row], args: argparse.Namespace, info: dict, vers: dict, 
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     out = ["# Benchmarks", "",
            "Generated by `scripts/bench.py`; rerun it to refresh this page (numbers depend on the machine and on "
-           "whatever else runs on it).", "",
+           "whatever else runs on it).", ""]
+    if args.quick:
+        out += ["> **Quick smoke-test run (`--quick`)**: points of "
+                f"{args.seconds:g} s; these numbers only show that the benchmark works. Do not quote them.", ""]
+    out += [
+
            f"- Date: {now}",
            f"- Command: `{command}`",
            f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, {info['os']}; "
-           f"load average at start {info['load']}",
+           f"load average (1/5/15 min) at start {info['load']}, at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
            "- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
            f"- Each point: {args.warmup:g} s warm-up, then {args.seconds:g} s measured; latency is from send to "
            "reply; one sample per request.",
            f"- modelpool: launched with `python -m scripts.modelpool serve -c pool.toml`, ipc:// frontend, "
-           f"max_batch_size {args.max_batch}, max_delay_ms {args.max_delay_ms:g}, pad_to_bucket "
+           f"max_batch_size {' / '.join(f'{k} {v}' for k, v in args.max_batch.items() if k in args.workloads)}, "
+           f"max_delay_ms {args.max_delay_ms:g}, pad_to_bucket "
            f"{str(args.pad_to_bucket).lower()}; sequential rows use a blocking `Client.predict`, in-flight rows "
            f"the `{args.generator}` load generator ({GENERATOR_TEXT[args.generator]}).",
            f"- threadpool: one process, model loaded once, `ThreadPoolExecutor({args.threadpool_workers})`, each "
            "request one call of a compiled `tf.function`; TensorFlow's default thread settings.",
            "- direct: the same compiled `tf.function` called in-process, one request at a time (the floor); "
            "`in-process batch-N` is one call on N rows, reported as samples/s (the compute ceiling).",
+           "- `launcher RSS MB`: peak VmRSS of the `modelpool serve` process during the point. `cpu%` notes: CPU "
+           "time used during the point (warm-up included) in % of one core, for the benchmark process (`gen`, the "
+           "load generator), the launcher (`broker`) and the sum over the replicas (`workers`).",
            "", "## Systems", ""]
     out += [f"- {line}" for line in SYSTEM_TEXT]
     for wl in [w for w in WORKLOADS if any(r.workload == w for r in rows)]:
@@ -940,21 +1020,19 @@ def run_workload(wl: str, args: argparse.Namespace, tmp: Path, notes: list[str])
     if "threadpool" in args.systems:
         log(f"{wl}: threadpool")
         rows += bench_threadpool(wl, fn, x1, args)
-    for replicas in (1, 2):
-        if f"modelpool-{replicas}" in args.systems:
-            log(f"{wl}: modelpool-{replicas}")
-            rows += bench_modelpool(wl, path, x1, replicas, tmp, args)
-    if "ray-serve-2" in args.systems:
-        if ray_available():
-            log(f"{wl}: ray-serve-2")
-            try:
-                rows += bench_ray(wl, path, x1, args)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # report and carry on: Ray is an optional comparison
-                log(f"ray-serve-2 failed: {type(exc).__name__}: {exc}")
-                notes.append(f"ray-serve-2 on `{wl}` failed: {type(exc).__name__}: {str(exc)[:300]}")
-        elif f"ray" not in " ".join(notes):
+    runs = [(f"modelpool-{r}", lambda r=r: bench_modelpool(wl, path, x1, r, tmp, args, rows)) for r in (1, 2)]
+    runs.append(("ray-serve-2", lambda: bench_ray(wl, path, x1, args, rows)))
+    for system, run in runs:
+        if system not in args.systems or (system == "ray-serve-2" and not ray_available()):
+            continue
+        log(f"{wl}: {system}")
+        try:
+            run()
+        except Exception as exc:  # keep what was measured, say what failed, go on with the next system
+            log(f"{system} on {wl} failed: {type(exc).__name__}: {exc}")
+            notes.append(f"{system} on `{wl}` failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
+    if "ray-serve-2" in args.systems and not ray_available():
+        if "ray-serve-2 skipped" not in " ".join(notes):
             notes.append("ray-serve-2 skipped: `ray[serve]` is not installed (`pip install -e .[ray]`).")
     for r in rows:
         log(f"  {r.system:<24} {str(r.inflight):>4}  {r.rps:>10,.0f} req/s  p50 {r.p50_ms:8.3f} ms  "
@@ -962,10 +1040,16 @@ def run_workload(wl: str, args: argparse.Namespace, tmp: Path, notes: list[str])
     return rows
 
 
+def install_signal_handlers() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP unwind through the finally blocks that stop pools and Ray."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through the finally blocks that stop pools
-        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    install_signal_handlers()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     command = command_line(argv)
@@ -1002,4 +1086,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every pool this run started has been stopped")
+        sys.exit(130)

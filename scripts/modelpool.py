@@ -5,8 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -263,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fmt = argparse.RawDescriptionHelpFormatter
     status = sub.add_parser("status", help="show the models of a running pool", formatter_class=fmt,
-                            description="Ask a running pool (mmi.models) for its models, versions, replicas "
+                            description="Ask a running pool (mmi.models) for its models, versions, replicas\n"
                             "ready/starting/failed, queue depths and requests served, and print them as a table.",
                             epilog="example:\n  modelpool status --endpoint tcp://127.0.0.1:5555\n\n" + EXIT_CODES)
     _add_client_options(status, timeout=5.0)
@@ -271,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     predict = sub.add_parser("predict", help="send one request from the shell", formatter_class=fmt,
-                             description="Run MODEL on the array in a .npy file (its first axis is the batch) or "
-                             "on the named arrays of a .npz file, and print each output's shape and dtype, with "
-                             "its values, or its argmax per row when it looks like class probabilities.",
+                             description="Run MODEL on the array in a .npy file (its first axis is the batch) or on\n"
+                             "the named arrays of a .npz file, and print each output's shape and dtype with its\n"
+                             "values, or with its argmax per row when it looks like class probabilities.",
                              epilog="example:\n  modelpool predict digits --input x.npy --output probs.npy\n\n"
                              + EXIT_CODES)
     predict.add_argument("model", help="name of the model to run")

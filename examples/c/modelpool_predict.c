@@ -411,7 +411,8 @@ static uint64_t read_le(const unsigned char *p, size_t size)
 static int64_t to_signed(uint64_t raw, size_t size)
 {
     uint64_t sign = (uint64_t)1 << (8 * size - 1);
-    return (raw & sign) ? -(int64_t)((~raw & (sign - 1)) + 1) : (int64_t)raw;
+    /* -(magnitude - 1) - 1 stays in range even for the most negative value */
+    return (raw & sign) ? -(int64_t)(~raw & (sign - 1)) - 1 : (int64_t)raw;
 }
 
 static double half_to_double(uint16_t h)

@@ -1,0 +1,484 @@
+"""The Python clients end to end: AsyncClient, pipelining, fork safety, Lazy Pirate recovery, the CLI."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import select
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from client import AsyncClient, Client, InvalidInput, ModelNotFound, NotSupported, RequestTimeout, protocol
+from client.base import header_or_raise
+from poolutil import Pool
+from scripts import modelpool as cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _expected(model, x):
+    return np.asarray(model(x, training=False))
+
+
+def _rows(n: int, seed: int) -> list[np.ndarray]:
+    """n distinct one-row inputs for model "a"."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(1, 8)).astype("float32") + i for i in range(n)]
+
+
+def _want_rows(models, xs: list[np.ndarray]) -> np.ndarray:
+    return _expected(models.keras["a"], np.concatenate(xs))
+
+
+# --- AsyncClient -------------------------------------------------------------------------------
+
+
+def test_async_gather_1000_predicts_on_one_client_each_answer_matches(pool, models):
+    xs = _rows(1000, seed=11)
+    want = _want_rows(models, xs)
+
+    async def run():
+        async with AsyncClient(pool.endpoint, timeout=120) as client:
+            await client.predict("a", xs[0])  # opens the socket
+            sock = client._sock
+            tasks = [asyncio.create_task(client.predict("a", x)) for x in xs]
+            await asyncio.sleep(0)  # every task runs up to waiting for its reply
+            peak = len(client._pending)
+            got = await asyncio.gather(*tasks)
+            assert client._sock is sock, "every request went over the one socket"
+            assert not client._pending
+            return got, peak
+
+    got, peak = asyncio.run(run())
+    assert peak > 100, f"requests were not in flight together (at most {peak})"
+    assert len(got) == len(xs)
+    for i, g in enumerate(got):
+        assert g.shape == (1, 4)
+        np.testing.assert_allclose(g[0], want[i], **TOL, err_msg=f"request {i}")
+
+
+def test_async_cancelled_requests_are_abandoned_and_later_ones_get_their_own_answers(pool, models):
+    doomed = _rows(20, seed=12)
+    xs = _rows(60, seed=13)
+    want = _want_rows(models, xs)
+
+    async def run():
+        async with AsyncClient(pool.endpoint) as client:
+            await client.predict("a", xs[0])
+            tasks = [asyncio.create_task(client.predict("a", x)) for x in doomed]
+            await asyncio.sleep(0)  # every task has sent its request and waits for the reply
+            assert len(client._pending) == len(doomed)
+            cancelled = sum(task.cancel() for task in tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert cancelled > 0 and sum(t.cancelled() for t in tasks) == cancelled
+            assert not client._pending, "a cancelled request must not stay registered"
+            got = await asyncio.gather(*(client.predict("a", x) for x in xs))
+            deadline = time.monotonic() + 20
+            while client._late < cancelled and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return got, cancelled, client._late
+
+    got, cancelled, late = asyncio.run(run())
+    for i, g in enumerate(got):
+        np.testing.assert_allclose(g[0], want[i], **TOL, err_msg=f"request {i}")
+    assert late == cancelled, "the replies of cancelled requests arrive late and are dropped"
+
+
+def test_async_errors_are_typed_and_management_calls_work(pool, models):
+    async def run():
+        async with AsyncClient(pool.endpoint) as client:
+            with pytest.raises(ModelNotFound, match="'nope' is not served"):
+                await client.predict("nope", np.ones((1, 8), "float32"))
+            with pytest.raises(InvalidInput, match="got \\[2, 5\\]"):
+                await client.predict("a", np.ones((2, 5), "float32"))
+            with pytest.raises(InvalidInput, match="unknown output 'nope'"):
+                await client.infer("a", {"x": np.ones((1, 8), "float32")}, outputs=["nope"])
+            rid, frames = client._builder.request("mmi.nothing", {})
+            with pytest.raises(NotSupported):
+                header_or_raise(await client._roundtrip(rid, frames, 5.0))
+            meta = await client.metadata("multi")
+            assert [i["name"] for i in meta["inputs"]] == ["in_a", "in_b"]
+            listed = {m["name"] for m in await client.models()}
+            assert {"a", "b", "multi"} <= listed
+            assert (await client.health())["live"]
+            assert await client.has_model("a") and not await client.has_model("zzz")
+            a, b = np.ones((2, 4), "float32"), np.ones((2, 3), "float32")
+            out = await client.infer("multi", {"in_a": a, "in_b": b}, outputs=["out_cls"])
+            np.testing.assert_allclose(out["out_cls"], models.keras["multi"]([a, b], training=False)[1], **TOL)
+            many = await client.predict_many("a", [np.ones((1, 8), "float32"), np.ones((1, 5), "float32")],
+                                             return_exceptions=True)
+            assert many[0].shape == (1, 4) and isinstance(many[1], InvalidInput)
+            return await client.predict("a", np.ones((1, 8), "float32"))
+
+    np.testing.assert_allclose(asyncio.run(run()), _expected(models.keras["a"], np.ones((1, 8), "float32")), **TOL)
+
+
+def test_async_timeout_and_closed_client(tmp_path):
+    nobody = f"ipc://{tmp_path}/nobody.ipc"
+
+    async def run():
+        client = AsyncClient(nobody, timeout=0.4, retries=1)
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout, match="sent 2 times"):
+            await client.predict("a", np.ones((1, 8), "float32"))
+        elapsed = time.monotonic() - started
+        assert 0.35 < elapsed < 3.0
+        assert not client._pending
+        await client.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.predict("a", np.ones((1, 8), "float32"))
+
+    asyncio.run(run())
+
+
+# --- the sync client pipelines ------------------------------------------------------------------
+
+
+def test_predict_many_keeps_order_and_matches(pool, models):
+    xs = _rows(300, seed=14)
+    want = _want_rows(models, xs)
+    with Client(pool.endpoint) as client:
+        got = client.predict_many("a", xs, window=32)
+        assert len(got) == 300
+        for i, g in enumerate(got):
+            np.testing.assert_allclose(g[0], want[i], **TOL, err_msg=f"request {i}")
+        # multi-row batches too, from a generator
+        batches = [np.concatenate(xs[i:i + 3]) for i in range(0, 30, 3)]
+        for i, g in enumerate(client.predict_many("a", (b for b in batches), window=4)):
+            np.testing.assert_allclose(g, want[3 * i:3 * i + 3], **TOL)
+
+        mixed = [xs[0], np.ones((1, 5), "float32"), xs[2], [[1, 2], [3]], xs[4]]
+        out = client.predict_many("a", mixed, return_exceptions=True)
+        assert isinstance(out[1], InvalidInput) and "got [1, 5]" in str(out[1])
+        assert isinstance(out[3], InvalidInput)
+        for i in (0, 2, 4):
+            np.testing.assert_allclose(out[i][0], want[i], **TOL)
+        with pytest.raises(InvalidInput):
+            client.predict_many("a", mixed)
+        with pytest.raises(ModelNotFound):
+            client.predict_many("nope", xs[:5])
+        with pytest.raises(ValueError):
+            client.predict_many("a", xs, window=0)
+        # the abandoned requests' late replies do not confuse the next calls on this thread's socket
+        np.testing.assert_allclose(client.predict("a", xs[7])[0], want[7], **TOL)
+        assert client.predict_many("a", []) == []
+
+
+def test_submit_futures(pool, models):
+    xs = _rows(200, seed=15)
+    want = _want_rows(models, xs)
+    client = Client(pool.endpoint)
+    try:
+        futures = [client.submit("a", x) for x in xs]
+        for i, f in enumerate(futures):
+            np.testing.assert_allclose(f.result(60)[0], want[i], **TOL, err_msg=f"request {i}")
+        bad = client.submit("nope", xs[0])
+        with pytest.raises(ModelNotFound):
+            bad.result(30)
+        unencodable = client.submit("a", [[1, 2], [3]])
+        with pytest.raises(InvalidInput):
+            unencodable.result(1)
+        a, b = np.ones((1, 4), "float32"), np.ones((1, 3), "float32")
+        multi = client.submit_infer("multi", {"in_a": a, "in_b": b}, outputs=["out_sum"]).result(30)
+        np.testing.assert_allclose(multi["out_sum"], models.keras["multi"]([a, b], training=False)[0], **TOL)
+        # submit() from several threads at once, blocking calls alongside
+        with_threads = []
+
+        def worker(k):
+            fs = [client.submit("a", xs[j]) for j in range(k, 200, 4)]
+            direct = client.predict("a", xs[k])
+            with_threads.append((k, [f.result(60) for f in fs], direct))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(with_threads) == 4
+        for k, got, direct in with_threads:
+            np.testing.assert_allclose(direct[0], want[k], **TOL)
+            for j, g in zip(range(k, 200, 4), got):
+                np.testing.assert_allclose(g[0], want[j], **TOL)
+        io_thread = client._dispatcher._thread
+        assert io_thread.daemon and io_thread.is_alive()
+    finally:
+        client.close()
+    assert not io_thread.is_alive(), "close() stops the I/O thread"
+    with pytest.raises(RuntimeError, match="closed"):
+        client.submit("a", xs[0])
+
+
+# --- fork safety -----------------------------------------------------------------------------------
+
+
+def _child_checks(client: Client, aclient: AsyncClient, xs, want, write_fd: int) -> None:
+    """Runs in a forked child: no TensorFlow here, only the clients and numpy."""
+    report = {"pid": os.getpid(), "ok": 0, "errors": []}
+    try:
+        for x, w in zip(xs, want):
+            got = client.predict("a", x, timeout=60)
+            if np.allclose(got, w, **TOL):
+                report["ok"] += 1
+            else:
+                report["errors"].append(f"predict mismatch {got} != {w}")
+        got = [f.result(60) for f in [client.submit("a", x, timeout=60) for x in xs]]
+        report["ok"] += sum(bool(np.allclose(g, w, **TOL)) for g, w in zip(got, want))
+        got = asyncio.run(aclient.predict_many("a", xs, timeout=60))
+        report["ok"] += sum(bool(np.allclose(g, w, **TOL)) for g, w in zip(got, want))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        report["errors"].append(repr(exc))
+    os.write(write_fd, pickle.dumps(report))
+
+
+def _collect_child(pid: int, read_fd: int, timeout: float) -> tuple[int, dict]:
+    """(exit code, report) of a forked child; killed if it takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 0.1)
+            if ready:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                data += chunk
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status), pickle.loads(data) if data else {}
+            time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} did not finish within {timeout}s")
+
+
+def test_client_used_across_os_fork(pool, models):
+    xs = _rows(4 * 5, seed=16)
+    want = _want_rows(models, xs)[:, None, :]  # computed before forking: children never touch TensorFlow
+    client = Client(pool.endpoint, timeout=60)
+    aclient = AsyncClient(pool.endpoint, timeout=60)
+    try:
+        np.testing.assert_allclose(client.predict("a", xs[0]), want[0], **TOL)
+        np.testing.assert_allclose(client.submit("a", xs[1]).result(60), want[1], **TOL)  # I/O thread running
+        np.testing.assert_allclose(asyncio.run(aclient.predict("a", xs[2])), want[2], **TOL)
+        children = []
+        for k in range(4):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child
+                code = 1
+                try:
+                    os.close(read_fd)
+                    part = slice(5 * k, 5 * k + 5)
+                    _child_checks(client, aclient, xs[part], want[part], write_fd)
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write_fd)
+            children.append((pid, read_fd))
+        reports = []
+        for pid, read_fd in children:
+            code, report = _collect_child(pid, read_fd, 120)
+            assert code == 0, report
+            reports.append(report)
+        for report in reports:
+            assert not report["errors"], report
+            assert report["ok"] == 15, report
+        assert len({r["pid"] for r in reports}) == 4
+        # the parent's sockets, I/O thread and async client still work
+        np.testing.assert_allclose(client.predict("a", xs[3]), want[3], **TOL)
+        np.testing.assert_allclose(client.submit("a", xs[4]).result(60), want[4], **TOL)
+        np.testing.assert_allclose(asyncio.run(aclient.predict("a", xs[5])), want[5], **TOL)
+    finally:
+        client.close()
+        aclient.close()
+
+
+_FORK_POOL_CLIENT: Client | None = None
+
+
+def _predict_in_pool_worker(x: np.ndarray) -> tuple[int, np.ndarray]:
+    return os.getpid(), np.array(_FORK_POOL_CLIENT.predict("a", x))
+
+
+def test_client_in_multiprocessing_fork_pool(pool, models):
+    global _FORK_POOL_CLIENT
+    xs = _rows(40, seed=17)
+    want = _want_rows(models, xs)
+    _FORK_POOL_CLIENT = Client(pool.endpoint, timeout=60)
+    try:
+        np.testing.assert_allclose(_FORK_POOL_CLIENT.predict("a", xs[0])[0], want[0], **TOL)
+        with multiprocessing.get_context("fork").Pool(4) as workers:
+            got = workers.map(_predict_in_pool_worker, xs, chunksize=2)
+        assert len({pid for pid, _ in got} - {os.getpid()}) >= 2
+        for i, (_, g) in enumerate(got):
+            np.testing.assert_allclose(g[0], want[i], **TOL, err_msg=f"request {i}")
+        np.testing.assert_allclose(_FORK_POOL_CLIENT.predict("a", xs[1])[0], want[1], **TOL)
+    finally:
+        _FORK_POOL_CLIENT.close()
+        _FORK_POOL_CLIENT = None
+
+
+# --- Lazy Pirate -----------------------------------------------------------------------------------
+
+
+class FakeBroker:
+    """A ROUTER that swallows the requests numbered in ``drop`` and answers the others with their input."""
+
+    def __init__(self, endpoint: str, drop: set[int]) -> None:
+        self.drop = drop
+        self.seen: list[tuple[bytes, bytes]] = []  # (client identity, request-id) in arrival order
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            if not self.sock.poll(50):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            request = protocol.parse_request(frames)
+            self.seen.append((identity, request.rid))
+            if len(self.seen) in self.drop:
+                continue
+            meta = dict(request.header["inputs"][0], name="y")
+            header = {"model_name": request.model.decode(), "model_version": "1", "outputs": [meta]}
+            self.sock.send_multipart([identity, b"", *protocol.encode_reply(
+                request.model, request.rid, protocol.OK, header, request.tensors)])
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_lazy_pirate_resends_a_lost_request_on_a_fresh_socket(tmp_path):
+    endpoint = f"ipc://{tmp_path}/fake.ipc"
+    x = np.arange(8, dtype="float32").reshape(1, 8)
+    fake = FakeBroker(endpoint, drop={1})
+    try:
+        with Client(endpoint, timeout=3.0, retries=1) as client:
+            started = time.monotonic()
+            np.testing.assert_array_equal(client.predict("m", x), x)
+            assert 1.4 < time.monotonic() - started < 3.0  # the first try's share of the timeout, then the resend
+            (first_id, first_rid), (second_id, second_rid) = fake.seen
+            assert first_id != second_id, "the resend goes out on a fresh socket"
+            assert first_rid != second_rid
+            np.testing.assert_array_equal(client.predict("m", x + 1), x + 1)
+
+            fake.drop = {4}  # one of a pipelined window is lost: only that one waits and is resent
+            xs = [x + i for i in range(10)]
+            got = client.predict_many("m", xs, window=4)
+            for g, want in zip(got, xs):
+                np.testing.assert_array_equal(g, want)
+            fake.drop = {len(fake.seen) + 2}
+            got = [f.result(10) for f in [client.submit("m", xi) for xi in xs]]
+            for g, want in zip(got, xs):
+                np.testing.assert_array_equal(g, want)
+
+        fake.drop = {len(fake.seen) + 1}
+        with Client(endpoint, timeout=0.5, retries=0) as client:  # no retries: the loss is reported
+            with pytest.raises(RequestTimeout, match="no reply within 0.500s"):
+                client.predict("m", x)
+            np.testing.assert_array_equal(client.predict("m", x), x)  # next request, fresh socket
+
+        async def run():
+            fake.drop = {len(fake.seen) + 1}
+            async with AsyncClient(endpoint, timeout=3.0, retries=1) as aclient:
+                got = await asyncio.gather(*(aclient.predict("m", x + i) for i in range(5)))
+                for i, g in enumerate(got):
+                    np.testing.assert_array_equal(g, x + i)
+                assert len({identity for identity, _ in fake.seen[-6:]}) == 2
+
+        asyncio.run(run())
+    finally:
+        fake.close()
+
+
+def test_clients_recover_after_the_broker_restarts(models):
+    """A broker restart on the same endpoint: the same clients' next requests succeed instead of hanging."""
+    where = tempfile.mkdtemp(prefix="mp-")
+    endpoint = f"ipc://{where}/front.ipc"
+    spec = [{"name": "a", "path": str(models.a), "max_batch_size": 8}]
+    xs = _rows(3, seed=18)
+    want = _want_rows(models, xs)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    pools: list[Pool] = []
+    client = Client(endpoint, timeout=60)
+    aclient = AsyncClient(endpoint, timeout=60)
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    try:
+        pools.append(Pool(spec, frontend=endpoint))
+        np.testing.assert_allclose(client.predict("a", xs[0])[0], want[0], **TOL)
+        np.testing.assert_allclose(on_loop(aclient.predict("a", xs[0])).result(60)[0], want[0], **TOL)
+        assert pools[0].stop() == 0
+
+        # one async request already waiting while no broker listens; the new pool comes up meanwhile
+        waiting = on_loop(aclient.predict("a", xs[1]))
+        pools.append(Pool(spec, frontend=endpoint))
+        started = time.monotonic()
+        np.testing.assert_allclose(client.predict("a", xs[1])[0], want[1], **TOL)
+        np.testing.assert_allclose(waiting.result(60)[0], want[1], **TOL)
+        np.testing.assert_allclose(on_loop(aclient.predict("a", xs[2])).result(60)[0], want[2], **TOL)
+        np.testing.assert_allclose(client.predict_many("a", xs), want[:, None, :], **TOL)
+        assert time.monotonic() - started < 45
+    finally:
+        client.close()
+        on_loop(_aclose(aclient)).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
+        for p in pools:
+            if p.proc.poll() is None:
+                assert p.stop() == 0
+        shutil.rmtree(where, ignore_errors=True)
+
+
+async def _aclose(aclient: AsyncClient) -> None:
+    await aclient.close()
+
+
+# --- command line against a real pool ---------------------------------------------------------------
+
+
+def test_cli_status_and_predict_against_the_pool(pool, models, tmp_path, capsys):
+    assert cli.main(["status", "--endpoint", pool.endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "MODEL" in out and "SERVED" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["a"][1] == "1" and rows["a"][2] == "2/2"
+    assert rows["b"][1] == "7"
+
+    x = np.random.default_rng(19).normal(size=(3, 8)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    saved = tmp_path / "y.npy"
+    code = cli.main(["predict", "a", "--input", str(tmp_path / "x.npy"), "--output", str(saved),
+                     "--endpoint", pool.endpoint])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "output 'y': shape [3, 4] dtype float32" in captured.out
+    np.testing.assert_allclose(np.load(saved), _expected(models.keras["a"], x), **TOL)
+
+    assert cli.main(["predict", "nope", "--input", str(tmp_path / "x.npy"), "--endpoint", pool.endpoint]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("modelpool: ModelNotFound: ") and err.count("\n") == 1

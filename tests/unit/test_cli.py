@@ -1,0 +1,242 @@
+"""The `modelpool` command line without a pool: parsing, help, the status table, predict output, exit codes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from client import InvalidInput, ModelNotFound, RequestTimeout
+from client.base import DEFAULT_ENDPOINT
+from scripts import modelpool
+
+MODELS = [
+    {"name": "digits", "version": "1", "replicas_ready": 2, "replicas_starting": 0, "replicas_failed": 0,
+     "replicas_expected": 2, "queue_depth": 3, "in_flight": 4, "served": 12345, "errors": 1, "load_error": None,
+     "workers": [{"id": "w1", "pid": 101, "state": "ready", "capacity": 64, "in_flight": 2}]},
+    {"name": "broken", "version": "2", "replicas_ready": 0, "replicas_starting": 1, "replicas_failed": 3,
+     "replicas_expected": 1, "queue_depth": 0, "in_flight": 0, "served": 0, "errors": 7,
+     "load_error": "OSError: no such file\nwhile loading 'x.keras'", "workers": []},
+]
+
+
+class FakeClient:
+    """Stands in for client.Client: records calls, answers from class attributes."""
+
+    calls: list = []
+    models_answer: list | Exception = MODELS
+    infer_answer: dict | Exception = {}
+
+    def __init__(self, endpoint, *, timeout):
+        self.calls.append(("init", endpoint, timeout))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.calls.append(("close",))
+
+    def models(self):
+        if isinstance(self.models_answer, Exception):
+            raise self.models_answer
+        return self.models_answer
+
+    def infer(self, model, inputs, outputs=None):
+        self.calls.append(("infer", model, inputs, outputs))
+        if isinstance(self.infer_answer, Exception):
+            raise self.infer_answer
+        return self.infer_answer
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    class Fake(FakeClient):
+        calls = []
+
+    monkeypatch.setattr(modelpool, "Client", Fake)
+    return Fake
+
+
+# --- parsing and help --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "status", "predict"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        modelpool.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: modelpool {command}")
+    if command != "serve":
+        assert "--endpoint" in out and "--timeout" in out and "exit codes:" in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        modelpool.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("serve", "status", "predict"))
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["nope"],
+    ["predict", "digits"],  # --input is required
+    ["predict", "--input", "x.npy"],  # MODEL is required
+    ["status", "--timeout", "0"],
+    ["status", "--timeout", "soon"],
+    ["status", "--bogus"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        modelpool.main(argv)
+    assert info.value.code == 2
+    assert "usage: modelpool" in capsys.readouterr().err
+
+
+def test_status_and_predict_defaults():
+    args = modelpool.build_parser().parse_args(["status"])
+    assert (args.endpoint, args.timeout, args.json) == (DEFAULT_ENDPOINT, 5.0, False)
+    args = modelpool.build_parser().parse_args(["predict", "digits", "-i", "x.npy"])
+    assert (args.model, args.input, args.output, args.fetch, args.values) == ("digits", "x.npy", None, None, False)
+    assert (args.endpoint, args.timeout) == (DEFAULT_ENDPOINT, 30.0)
+    args = modelpool.build_parser().parse_args([
+        "predict", "m", "--input", "in.npz", "--output", "out.npz", "--fetch", "a", "--fetch", "b",
+        "--endpoint", "ipc:///tmp/p.ipc", "--timeout", "2.5", "--values"])
+    assert (args.fetch, args.endpoint, args.timeout, args.values) == (["a", "b"], "ipc:///tmp/p.ipc", 2.5, True)
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+def test_status_table_lines_up_and_reports_load_errors():
+    text = modelpool.format_status(MODELS, "tcp://127.0.0.1:5555")
+    lines = text.splitlines()
+    assert lines[0] == "pool at tcp://127.0.0.1:5555"
+    header, broken, digits = lines[1], lines[2], lines[3]
+    assert header.split() == ["MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN", "FLIGHT", "SERVED",
+                              "ERRORS"]
+    assert broken.split() == ["broken", "2", "0/1", "1", "3", "0", "0", "0", "7"]  # sorted by name
+    assert digits.split() == ["digits", "1", "2/2", "0", "0", "3", "4", "12345", "1"]
+    # numbers are right-aligned under their headings
+    assert header.index("SERVED") + len("SERVED") == digits.index("12345") + len("12345")
+    assert len(header) == len(digits) == len(broken)
+    assert lines[4] == "model 'broken' failed to load: OSError: no such file while loading 'x.keras'"
+    assert len(lines) == 5
+
+
+def test_status_table_copes_with_missing_fields_and_no_models():
+    assert modelpool.format_status([]) == "no models served"
+    row = modelpool.format_status([{"name": "remote"}]).splitlines()[1]
+    assert row.split() == ["remote", "-", "-", "-", "-", "-", "-", "-", "-"]
+
+
+def test_status_prints_the_table(fake, capsys):
+    assert modelpool.main(["status", "--endpoint", "ipc:///tmp/x.ipc", "--timeout", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out == modelpool.format_status(MODELS, "ipc:///tmp/x.ipc") + "\n"
+    assert fake.calls == [("init", "ipc:///tmp/x.ipc", 3.0), ("close",)]
+
+
+def test_status_json(fake, capsys):
+    assert modelpool.main(["status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == {"endpoint": DEFAULT_ENDPOINT, "models": MODELS}
+
+
+@pytest.mark.parametrize("error", [
+    RequestTimeout("no reply within 5.000s from tcp://127.0.0.1:5555"),
+    ModelNotFound("model 'x' is not served here;\nmodels served: a"),
+])
+def test_status_errors_exit_1_with_one_line(fake, capsys, error):
+    fake.models_answer = error
+    assert modelpool.main(["status"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"modelpool: {type(error).__name__}: {' '.join(str(error).split())}\n"
+
+
+# --- predict ---------------------------------------------------------------------------------------
+
+
+def _softmax(rows: int) -> np.ndarray:
+    logits = np.arange(rows * 10, dtype="float32").reshape(rows, 10) % 7
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype("float32")
+
+
+def test_predict_prints_argmax_for_class_probabilities_and_saves(fake, tmp_path, capsys):
+    x = np.ones((3, 64), "float32")
+    np.save(tmp_path / "x.npy", x)
+    probs = _softmax(3)
+    fake.infer_answer = {"probs": probs}
+    out_path = tmp_path / "probs.npy"
+    code = modelpool.main(["predict", "digits", "--input", str(tmp_path / "x.npy"), "--output", str(out_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "output 'probs': shape [3, 10] dtype float32" in captured.out
+    assert f"argmax per row: {np.array2string(probs.argmax(1))}" in captured.out
+    assert f"saved to {out_path}" in captured.out
+    np.testing.assert_array_equal(np.load(out_path), probs)
+    _, model, inputs, outputs = fake.calls[1]
+    assert model == "digits" and list(inputs) == [""] and outputs is None
+    np.testing.assert_array_equal(inputs[""], x)
+
+
+def test_predict_prints_values_and_passes_named_inputs_and_fetch(fake, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", in_a=np.zeros((1, 4), "float32"), in_b=np.ones((1, 3), "float32"))
+    fake.infer_answer = {"out_sum": np.array([[1.5, -2.25]], "float32"), "out_cls": _softmax(1)}
+    out_path = tmp_path / "out.npz"
+    code = modelpool.main(["predict", "multi", "-i", str(tmp_path / "in.npz"), "-o", str(out_path),
+                           "--fetch", "out_sum", "--fetch", "out_cls", "--values"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "output 'out_sum': shape [1, 2] dtype float32\n[[ 1.5  -2.25]]" in captured.out
+    assert "argmax" not in captured.out  # --values: the numbers themselves
+    _, _, inputs, outputs = fake.calls[1]
+    assert sorted(inputs) == ["in_a", "in_b"] and outputs == ["out_sum", "out_cls"]
+    with np.load(out_path) as saved:
+        assert sorted(saved.files) == ["out_cls", "out_sum"]
+
+
+def test_regression_output_is_printed_as_values():
+    text = modelpool.format_outputs({"y": np.array([[0.5, 2.0], [-1.0, 0.25]], "float32")})
+    assert text.splitlines()[0] == "output 'y': shape [2, 2] dtype float32"
+    assert "argmax" not in text and "2." in text
+    assert modelpool.looks_like_probabilities(_softmax(4))
+    assert not modelpool.looks_like_probabilities(np.array([[0.2, 0.2]], "float32"))
+    assert not modelpool.looks_like_probabilities(np.array([0.5, 0.5], "float32"))
+
+
+def test_predict_pool_error_exits_1(fake, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((2, 5), "float32"))
+    fake.infer_answer = InvalidInput("input 'pixels': expected shape ['batch', 64] (FP32), got [2, 5]")
+    assert modelpool.main(["predict", "digits", "--input", str(tmp_path / "x.npy")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"modelpool: InvalidInput: {fake.infer_answer}\n"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("content", ["missing", "garbage", "pickled", "empty_npz"])
+def test_predict_unreadable_input_exits_2_before_connecting(fake, tmp_path, capsys, content):
+    path = tmp_path / "in.npy"
+    if content == "garbage":
+        path.write_bytes(b"this is not numpy")
+    elif content == "pickled":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif content == "empty_npz":
+        path = tmp_path / "in.npz"
+        np.savez(path)
+    assert modelpool.main(["predict", "digits", "--input", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modelpool: ") and str(path) in err and err.count("\n") == 1
+    assert fake.calls == []  # never talked to the pool
+
+
+def test_predict_unwritable_output_exits_2(fake, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((1, 64), "float32"))
+    fake.infer_answer = {"probs": _softmax(1)}
+    bad = tmp_path / "no" / "such" / "dir" / "out.npy"
+    assert modelpool.main(["predict", "digits", "-i", str(tmp_path / "x.npy"), "-o", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"modelpool: cannot write output file '{bad}'")
