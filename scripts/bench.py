@@ -4,11 +4,12 @@ Builds two seeded Keras workloads (``tiny``: Dense(64) -> Dense(10) on 32 floats
 32x32x3 convnet), saves them as ``.keras`` files in a temporary directory, and measures, one sample
 per request:
 
-- ``direct``: the in-process floor (a compiled ``tf.function`` concrete function called once per
-  request; ``predict_on_batch`` for reference) and the in-process batch-N per-sample rate (the
-  compute ceiling);
+- ``direct``: the in-process floor (the model in a ``tf.function``, and its concrete function,
+  called once per request; ``predict_on_batch`` for reference) and the in-process batch-N
+  per-sample rate (the compute ceiling);
 - ``threadpool``: one process, the model loaded once, ``ThreadPoolExecutor(8)``, each request one
-  ``tf.function`` call (what users do today);
+  ``predict_on_batch`` call (what users do today); ``threadpool tf.function`` does the same with
+  the compiled concrete function (a stronger baseline);
 - ``modelpool-1`` / ``modelpool-2``: real pools started with ``python -m scripts.modelpool serve``;
 - ``ray-serve-2``: Ray Serve, 2 replicas with ``@serve.batch`` (only when ``ray[serve]`` is installed).
 
@@ -164,15 +165,26 @@ def compiled_call(model: Any) -> Callable[[np.ndarray], Any]:
 # --- in-process baselines --------------------------------------------------------------------
 
 
+def polymorphic_call(model: Any) -> Callable[[np.ndarray], Any]:
+    """The model wrapped in a plain ``tf.function`` (traced on first call, checked on every call)."""
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False))
+
+
 def bench_direct(wl: str, model: Any, fn: Callable, x1: np.ndarray, args: argparse.Namespace,
                  seed: int) -> list[Row]:
     """The floor: one compiled call per request, predict_on_batch, and batch-N per-sample rates."""
     rows = []
+    poly = polymorphic_call(model)
     for _ in range(5):
         fn(x1).numpy()
+        poly(x1).numpy()
         model.predict_on_batch(x1)
-    win = sequential(lambda: fn(x1).numpy(), args.warmup, args.seconds)
+    win = sequential(lambda: poly(x1).numpy(), args.warmup, args.seconds)
     rows.append(win.row(wl, "direct tf.function", SEQ))
+    win = sequential(lambda: fn(x1).numpy(), args.warmup, args.seconds)
+    rows.append(win.row(wl, "direct concrete function", SEQ))
     win = sequential(lambda: model.predict_on_batch(x1), args.warmup, args.seconds)
     rows.append(win.row(wl, "direct predict_on_batch", SEQ))
     for n in sorted(set(args.concurrency) | {CEILING_BATCH}):
@@ -221,17 +233,36 @@ def threadpool_load(fn: Callable, x1: np.ndarray, n: int, workers: int, warmup: 
     return win
 
 
-def bench_threadpool(wl: str, fn: Callable, x1: np.ndarray, args: argparse.Namespace) -> list[Row]:
-    """What users do today: one process, model loaded once, a pool of threads calling it."""
+class _Eager:
+    """predict_on_batch with a ``.numpy()`` result, so it plugs into the same load loops."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, x: np.ndarray) -> Any:
+        out = self.model.predict_on_batch(x)
+        return type("R", (), {"numpy": lambda self_: out})()
+
+
+def bench_threadpool(wl: str, fn: Callable, x1: np.ndarray, args: argparse.Namespace, model: Any = None) -> list[Row]:
+    """What users do today: one process, model loaded once, a pool of threads calling it.
+
+    ``threadpool`` calls ``model.predict_on_batch`` (the Keras API a web handler calls);
+    ``threadpool tf.function`` calls the compiled concrete function (a stronger baseline).
+    """
     rows = []
-    with ThreadPoolExecutor(args.threadpool_workers) as ex:
-        for _ in range(5):
-            ex.submit(lambda: fn(x1).numpy()).result()
-        win = sequential(lambda: ex.submit(lambda: fn(x1).numpy()).result(), args.warmup, args.seconds)
-    rows.append(win.row(wl, "threadpool", SEQ))
-    for n in args.concurrency:
-        win = threadpool_load(fn, x1, n, args.threadpool_workers, args.warmup, args.seconds)
-        rows.append(win.row(wl, "threadpool", n))
+    variants = [("threadpool tf.function", fn)]
+    if model is not None:
+        variants.insert(0, ("threadpool", _Eager(model)))
+    for name, call in variants:
+        with ThreadPoolExecutor(args.threadpool_workers) as ex:
+            for _ in range(5):
+                ex.submit(lambda: call(x1).numpy()).result()
+            win = sequential(lambda: ex.submit(lambda: call(x1).numpy()).result(), args.warmup, args.seconds)
+        rows.append(win.row(wl, name, SEQ))
+        for n in args.concurrency:
+            win = threadpool_load(call, x1, n, args.threadpool_workers, args.warmup, args.seconds)
+            rows.append(win.row(wl, name, n))
     return rows
 
 
@@ -814,12 +845,13 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str]]:
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
-    tp = find(rows, "tiny", "threadpool", 128)
-    for system in pools:
-        mp = find(rows, "tiny", system, 128)
-        ok = None if not (tp and mp and tp.rps) else mp.rps >= 8 * tp.rps
-        got = f"{mp.rps / tp.rps:.2f}x ({fmt(mp.rps, 0)} vs {fmt(tp.rps, 0)} req/s)" if ok is not None else "-"
-        out.append(("tiny, 128 in flight: throughput >= 8x threadpool", system, got, verdict(ok)))
+    for base in ("threadpool", "threadpool tf.function"):
+        tp = find(rows, "tiny", base, 128)
+        for system in pools:
+            mp = find(rows, "tiny", system, 128)
+            ok = None if not (tp and mp and tp.rps) else mp.rps >= 8 * tp.rps
+            got = f"{mp.rps / tp.rps:.2f}x ({fmt(mp.rps, 0)} vs {fmt(tp.rps, 0)} req/s)" if ok is not None else "-"
+            out.append((f"tiny, 128 in flight: throughput >= 8x {base}", system, got, verdict(ok)))
     ceiling = find(rows, "cnn", "in-process batch-N", CEILING_BATCH)
     tp = find(rows, "cnn", "threadpool", 32)
     for system in pools:
@@ -870,9 +902,11 @@ def markdown(rows: list[Row], args: argparse.Namespace, info: dict, vers: dict, 
            f"{str(args.pad_to_bucket).lower()}; sequential rows use a blocking `Client.predict`, in-flight rows "
            f"the `{args.generator}` load generator ({GENERATOR_TEXT[args.generator]}).",
            f"- threadpool: one process, model loaded once, `ThreadPoolExecutor({args.threadpool_workers})`, each "
-           "request one call of a compiled `tf.function`; TensorFlow's default thread settings.",
-           "- direct: the same compiled `tf.function` called in-process, one request at a time (the floor); "
-           "`in-process batch-N` is one call on N rows, reported as samples/s (the compute ceiling).",
+           "request one `predict_on_batch` call (`threadpool tf.function`: one call of the compiled concrete "
+           "function); TensorFlow's default thread settings.",
+           "- direct: `direct tf.function` is the model wrapped in `tf.function` and `direct concrete function` its "
+           "concrete function, called in-process one request at a time (the floor); `in-process batch-N` is one "
+           "call on N rows, reported as samples/s (the compute ceiling).",
            "- `launcher RSS MB`: peak VmRSS of the `modelpool serve` process during the point. `cpu%` notes: CPU "
            "time used during the point (warm-up included) in % of one core, for the benchmark process (`gen`, the "
            "load generator), the launcher (`broker`) and the sum over the replicas (`workers`).",
@@ -897,7 +931,8 @@ GENERATOR_TEXT = {
 SYSTEM_TEXT = [
     "`direct tf.function` / `direct predict_on_batch`: in-process, sequential; the floor.",
     "`in-process batch-N`: one compiled call on N rows, samples/s; the compute ceiling at N in flight.",
-    "`threadpool`: in-process ThreadPoolExecutor, one compiled call per request (what users do today).",
+    "`threadpool`: in-process ThreadPoolExecutor, one `predict_on_batch` per request (what users do today); "
+    "`threadpool tf.function`: the same with the compiled concrete function.",
     "`modelpool-1`, `modelpool-2`: a pool with 1 or 2 replicas (one spawned process each), batching in the worker.",
     "`ray-serve-2`: Ray Serve, 2 replicas, `@serve.batch`, requests through a DeploymentHandle from the "
     "benchmark process (no HTTP proxy); each replica gets cores/2 TensorFlow threads, as modelpool's do.",
@@ -1019,7 +1054,7 @@ def run_workload(wl: str, args: argparse.Namespace, tmp: Path, notes: list[str])
         rows += bench_direct(wl, loaded, fn, x1, args, seed)
     if "threadpool" in args.systems:
         log(f"{wl}: threadpool")
-        rows += bench_threadpool(wl, fn, x1, args)
+        rows += bench_threadpool(wl, fn, x1, args, loaded)
     runs = [(f"modelpool-{r}", lambda r=r: bench_modelpool(wl, path, x1, r, tmp, args, rows)) for r in (1, 2)]
     runs.append(("ray-serve-2", lambda: bench_ray(wl, path, x1, args, rows)))
     for system, run in runs:
