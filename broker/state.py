@@ -242,9 +242,10 @@ class PoolState:
         pending = Pending(client, rid, model, list(frames[4:]), deadline)
         entry.queue.append(pending)
         entry.queued += 1
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
         self._dispatch(entry)
+        if deadline is not None and pending.where is QUEUED:
+            # Only requests left waiting need a deadline watch; most are dispatched at once.
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
 
     def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
         name = entry.name.decode(errors="replace")
@@ -485,6 +486,11 @@ class PoolState:
         """Expire queued requests past their deadline and workers past their liveness."""
         now = self.now()
         heap = self._deadlines
+        if len(heap) > 4096 and len(heap) > 4 * sum(e.queued for e in self.models.values()):
+            # Entries of requests dispatched since are dropped lazily; compact so that memory
+            # stays bounded by the queues, not by request rate x timeout.
+            heap[:] = [item for item in heap if item[2].where is QUEUED]
+            heapq.heapify(heap)
         while heap and heap[0][0] <= now:
             _, _, pending = heapq.heappop(heap)
             if pending.where is QUEUED:  # left in the deque; dispatch skips it

@@ -83,16 +83,19 @@ class Pool:
             self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        def ready() -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.read_log()}")
-            models = {m["name"]: m for m in self.client.models(timeout=2.0)}
-            return all(models[n]["replicas_ready"] >= r for n, r in self.expected.items())
-
-        try:
-            wait_until(ready, timeout, 0.2, "pool ready")
-        except TimeoutError:
-            raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}") from None
+            try:
+                models = {m["name"]: m for m in self.client.models(timeout=2.0)}
+            except Exception:  # not answering yet
+                time.sleep(0.2)
+                continue
+            if all(models[n]["replicas_ready"] >= r for n, r in self.expected.items()):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}")
 
     def read_log(self) -> str:
         self.log.flush()

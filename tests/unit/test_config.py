@@ -270,7 +270,7 @@ def test_bad_backend(models_dir):
         build(models_dir, backend="somewhere")
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5555", "ipc:///tmp/pool.sock", "inproc://pool"])
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "ipc:///tmp/pool.sock", "inproc://pool"])
 def test_good_endpoints(models_dir, endpoint):
     config = build(models_dir, frontend=endpoint, backend=endpoint)
     assert config.frontend == config.backend == endpoint
@@ -298,3 +298,17 @@ def test_bad_durations(models_dir, key, value):
 def test_bad_pool_ints(models_dir, key):
     with raises(rf"pool\.{key} must be an integer >= 1"):
         build(models_dir, **{key: 0})
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555"])
+def test_non_loopback_bind_needs_an_explicit_opt_in(tmp_path, endpoint):
+    from broker.config import ConfigError, ModelConfig, PoolConfig
+
+    model_file = tmp_path / "m.keras"
+    model_file.write_bytes(b"x")
+    model = ModelConfig(name="m", path=str(model_file))
+    with pytest.raises(ConfigError, match="not a loopback address.*insecure_network"):
+        PoolConfig(models=(model,), frontend=endpoint)
+    assert PoolConfig(models=(model,), frontend=endpoint, insecure_network=True).frontend == endpoint
+    for local in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://localhost:5555", f"ipc://{tmp_path}/f"):
+        assert PoolConfig(models=(model,), frontend=local).frontend == local

@@ -848,3 +848,22 @@ def test_draining_worker_gets_no_new_requests_and_leaves_when_empty(clock):
     assert W1 not in state.workers
     ready(state, W2, "m")
     assert dispatched(state) == [(W2, ALICE, b"2", b"")]
+
+
+def test_deadline_watch_memory_is_bounded_by_the_queue_not_by_rate_times_timeout(clock):
+    """Requests dispatched at once never enter the deadline heap; the heap is compacted in tick()."""
+    state = make_state(clock, "m", default_max_queue=10_000)
+    ready(state, b"w", "m", capacity=4)
+    for i in range(6000):  # dispatched immediately, answered, with a long timeout
+        infer(state, b"c", "m", f"r{i}".encode(), timeout_ms=60_000)
+        reply(state, b"w", b"c", f"r{i}".encode())
+    assert len(state._deadlines) == 0
+    for i in range(6000):  # these wait in the queue first (capacity 4), then are served
+        infer(state, b"c", "m", f"q{i}".encode(), timeout_ms=60_000)
+    for i in range(6000):
+        reply(state, b"w", b"c", f"q{i}".encode())
+    assert state.models[b"m"].queued == 0
+    state.tick()
+    assert len(state._deadlines) == 0
+    statuses = {r.status for _, r in client_out(state)}
+    assert statuses == {protocol.OK}
