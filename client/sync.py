@@ -47,6 +47,7 @@ from client.base import (
     track_forks,
 )
 from client.errors import PoolError, ProtocolError
+from client.transport import REPLY_TENSORS, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class _Pipe:
         entry.frames[3] = rid
         entry.tries += 1
         entry.ends = min(now + entry.attempt, entry.deadline)
-        self.sock.send_multipart(entry.frames, copy=False)
+        send_frames(self.sock, entry.frames)
         self.pending[rid] = entry
 
     def timeout_ms(self, now: float) -> int | None:
@@ -121,7 +122,7 @@ class _Pipe:
         done: list[tuple[_Entry, Any]] = []
         while self.sock is not None:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.sock, REPLY_TENSORS)
             except zmq.Again:
                 break
             try:
@@ -375,7 +376,7 @@ class Client:
             if n:
                 rid = self._builder.next_id()
                 frames = [*frames[:3], rid, *frames[4:]]
-            sock.send_multipart(frames, copy=False)
+            send_frames(sock, frames)
             reply = self._await_reply(sock, rid, min(time.monotonic() + attempt, deadline))
             if reply is not None:
                 return reply
@@ -392,7 +393,7 @@ class Client:
             if left <= 0 or not sock.poll(math.ceil(left * 1000), zmq.POLLIN):
                 return None
             try:
-                reply = protocol.parse_reply(sock.recv_multipart(copy=False))
+                reply = protocol.parse_reply(recv_frames(sock, REPLY_TENSORS, block=True))
             except ProtocolError:
                 continue  # not a reply we could have asked for; keep waiting for ours
             if reply.rid == rid:

@@ -16,6 +16,7 @@ from zmq.backend import Socket as _BackendSocket
 _send = _BackendSocket.send
 _recv = _BackendSocket.recv
 _SNDMORE = int(zmq.SNDMORE)
+REPLY_TENSORS = 6  # a reply as a DEALER client receives it: "" MDPC01 model rid status header | tensor...
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
