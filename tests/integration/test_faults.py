@@ -369,3 +369,48 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
         if remote.poll() is None:
             remote.kill()
             remote.wait(10)
+
+
+def test_client_that_disconnects_mid_request_disturbs_nobody(fpool, models):
+    slow = np.zeros((1, 8), "float32")
+    slow[0, 1] = 0.5
+    for i in range(3):  # ask, then vanish before the answer (max_queue is 4)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(fpool.endpoint)
+        metas, frames = protocol.encode_tensors({"x": slow})
+        sock.send_multipart(protocol.encode_request("sleepy", f"gone{i}".encode(), {"inputs": metas}, frames))
+        time.sleep(0.05)
+        sock.close(linger=0)
+    x = np.full((1, 8), 0.2, "float32")
+    np.testing.assert_allclose(fpool.client.predict("sleepy", x, timeout=60.0), _expected(models.keras["sleepy"], x),
+                               rtol=1e-5, atol=1e-5)
+    wait_until(lambda: {m["name"]: m for m in fpool.client.models()}["sleepy"]["in_flight"] == 0, 30.0, 0.1,
+               "abandoned requests finished")
+    assert fpool.proc.poll() is None
+
+
+def test_second_signal_forces_a_fast_stop(models):
+    p = Pool([{"name": "sleepy", "path": str(models.sleepy), "max_batch_size": 1, "imports": ["custom_layers"]}],
+             drain_timeout=60.0)
+    pids = p.worker_pids()
+    slow = np.zeros((1, 8), "float32")
+    slow[0, 1] = 20.0  # far longer than the test waits
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(p.endpoint)
+    try:
+        metas, frames = protocol.encode_tensors({"x": slow})
+        sock.send_multipart(protocol.encode_request("sleepy", b"long", {"inputs": metas}, frames))
+        wait_until(lambda: {m["name"]: m for m in p.client.models()}["sleepy"]["in_flight"] == 1, 10.0, 0.05,
+                   "request in flight")
+        p.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert p.proc.poll() is None, "the first signal waits for in-flight requests"
+        started = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        code = p.proc.wait(15)
+        print(f"\nforced stop took {time.monotonic() - started:.2f}s, exit code {code}")
+        assert code != 0 and time.monotonic() - started < 10
+        wait_until(lambda: not any(process_alive(pid) for pid in pids), 10.0, what="workers gone")
+    finally:
+        sock.close(linger=0)
+        p.stop()

@@ -240,3 +240,27 @@ def test_predict_unwritable_output_exits_2(fake, tmp_path, capsys):
     bad = tmp_path / "no" / "such" / "dir" / "out.npy"
     assert modelpool.main(["predict", "digits", "-i", str(tmp_path / "x.npy"), "-o", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"modelpool: cannot write output file '{bad}'")
+
+
+@pytest.mark.parametrize("toml,needle", [
+    ('[[models]]\nname = "m"\npath = "MODEL"\nreplicas = 0\n', "models['m'].replicas must be an integer >= 1"),
+    ('[[models]]\nname = "m"\npath = "MODEL"\ncolour = "red"\n', "unknown key(s) colour"),
+    ('[[models]]\nname = "m"\npath = "missing.keras"\n', "does not exist"),
+    ('[[models]]\nname = "m"\npath = "MODEL"\n[[models]]\nname = "m"\npath = "MODEL"\n', "duplicate model name(s) m"),
+])
+def test_serve_config_errors_stop_before_anything_starts(tmp_path, capsys, monkeypatch, toml, needle):
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"x")
+    cfg = tmp_path / "pool.toml"
+    cfg.write_text(toml.replace("MODEL", str(model)))
+    started = []
+    monkeypatch.setattr("broker.server.Broker.__init__", lambda *a, **k: started.append(1))
+    assert modelpool.main(["serve", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modelpool: config error:") and needle in err
+    assert not started
+
+
+def test_serve_missing_config_file(tmp_path, capsys):
+    assert modelpool.main(["serve", "-c", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
