@@ -268,12 +268,12 @@ class PoolState:
     def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
         # Answer when there is enough of an envelope to address a reply; otherwise drop.
         try:
-            model = protocol._bytes(frames[2])
-            rid = protocol._bytes(frames[3])
+            model = protocol.frame_bytes(frames[2])
+            rid = protocol.frame_bytes(frames[3])
         except IndexError:
             log.warning("dropped malformed client message client=%s frames=%d: %s", client.hex(), len(frames), exc)
             return
-        if protocol._bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
+        if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
             log.warning("dropped malformed client message client=%s: %s", client.hex(), exc)
             return
         log.warning("malformed request client=%s model=%r: %s", client.hex(), model[:64], exc)

@@ -107,7 +107,7 @@ def packb(obj: Any) -> bytes:
 def unpack_header(frame: Any) -> dict:
     """Decode a msgpack header frame that must be a map; ProtocolError otherwise."""
     try:
-        header = msgpack.unpackb(_bytes(frame), raw=False, strict_map_key=False)
+        header = msgpack.unpackb(frame_bytes(frame), raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
@@ -115,7 +115,8 @@ def unpack_header(frame: Any) -> dict:
     return header
 
 
-def _bytes(frame: Any) -> bytes:
+def frame_bytes(frame: Any) -> bytes:
+    """The bytes of a frame given as bytes, a zmq.Frame or any buffer."""
     if isinstance(frame, bytes):
         return frame
     raw = getattr(frame, "bytes", None)  # zmq.Frame
@@ -267,12 +268,12 @@ def parse_request(frames: Sequence[Any]) -> Request:
     """Parse a client request as the broker's ROUTER sees it, after the identity frame."""
     if len(frames) < 5:
         raise ProtocolError(f"a request needs at least 5 frames ('', MDPC01, model, id, header), got {len(frames)}")
-    if _bytes(frames[0]) != b"":
+    if frame_bytes(frames[0]) != b"":
         raise ProtocolError("a request must start with an empty delimiter frame")
-    if _bytes(frames[1]) != CLIENT:
-        raise ProtocolError(f"unknown protocol {_bytes(frames[1])[:16]!r}, expected {CLIENT!r}")
-    model = _check_id(_bytes(frames[2]), "model name")
-    rid = _check_id(_bytes(frames[3]), "request-id")
+    if frame_bytes(frames[1]) != CLIENT:
+        raise ProtocolError(f"unknown protocol {frame_bytes(frames[1])[:16]!r}, expected {CLIENT!r}")
+    model = _check_id(frame_bytes(frames[2]), "model name")
+    rid = _check_id(frame_bytes(frames[3]), "request-id")
     return Request(model, rid, unpack_header(frames[4]), list(frames[5:]))
 
 
@@ -300,12 +301,12 @@ def parse_reply(frames: Sequence[Any]) -> Reply:
     """Parse a reply as a DEALER client receives it (the empty frame first)."""
     if len(frames) < 6:
         raise ProtocolError(f"a reply needs at least 6 frames, got {len(frames)}")
-    if _bytes(frames[0]) != b"" or _bytes(frames[1]) != CLIENT:
+    if frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != CLIENT:
         raise ProtocolError("a reply must start with '', 'MDPC01'")
-    status = _bytes(frames[4])
+    status = frame_bytes(frames[4])
     if len(status) != 3 or not status.isdigit():
         raise ProtocolError(f"status must be three ASCII digits, got {status[:8]!r}")
-    return Reply(_bytes(frames[2]), _bytes(frames[3]), status, unpack_header(frames[5]), list(frames[6:]))
+    return Reply(frame_bytes(frames[2]), frame_bytes(frames[3]), status, unpack_header(frames[5]), list(frames[6:]))
 
 
 def reply_error(reply: Reply) -> PoolError | None:
@@ -376,22 +377,22 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
     """Parse an MDPW01 message (after the ROUTER identity, if any); fields follow the command."""
     if len(frames) < 3:
         raise ProtocolError(f"a worker message needs at least 3 frames, got {len(frames)}")
-    if _bytes(frames[0]) != b"" or _bytes(frames[1]) != WORKER:
+    if frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != WORKER:
         raise ProtocolError("a worker message must start with '', 'MDPW01'")
-    command = _COMMANDS.get(_bytes(frames[2]))
+    command = _COMMANDS.get(frame_bytes(frames[2]))
     if command is None:
-        raise ProtocolError(f"unknown worker command {_bytes(frames[2])[:8]!r}")
+        raise ProtocolError(f"unknown worker command {frame_bytes(frames[2])[:8]!r}")
     fields = list(frames[3:])
     if len(fields) < _MIN_FIELDS[command]:
         raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} fields, got {len(fields)}")
     if command in (Command.REQUEST, Command.REPLY):
-        fields[0] = _check_id(_bytes(fields[0]), "client address")
-        if _bytes(fields[1]) != b"":
+        fields[0] = _check_id(frame_bytes(fields[0]), "client address")
+        if frame_bytes(fields[1]) != b"":
             raise ProtocolError(f"{command.name}: client address must be followed by an empty frame")
-        fields[2] = _check_id(_bytes(fields[2]), "request-id")
-        fields[3] = _bytes(fields[3])
+        fields[2] = _check_id(frame_bytes(fields[2]), "request-id")
+        fields[3] = frame_bytes(fields[3])
     elif command is Command.READY:
-        fields[0] = _check_id(_bytes(fields[0]), "model name")
+        fields[0] = _check_id(frame_bytes(fields[0]), "model name")
         fields[1] = unpack_header(fields[1])
     elif command is Command.DISCONNECT and fields:
         fields[0] = unpack_header(fields[0])

@@ -90,7 +90,8 @@ class Worker:
         self.ctx = zmq.Context()
         self.socket: zmq.Socket | None = None
         self.model_b = spec.model.encode()
-        self.pending: deque = deque()
+        self.pending: deque = deque()  # (client, rid, group key, inputs, rows) waiting for a batch
+        self.pending_rows = 0
         self.liveness = spec.heartbeat_liveness
         self.broker_expiry = 0.0
         self.last_sent = 0.0
@@ -135,8 +136,7 @@ class Worker:
         """Tell the broker why this replica cannot serve, then leave."""
         sock = self._connect()
         sock.send_multipart(protocol.encode_disconnect({"model": self.spec.model, "error": reason}))
-        time.sleep(0.1)  # linger=0 would drop the message before it leaves
-        sock.close(linger=500)
+        sock.close(linger=500)  # time for the message to leave; the socket was opened with linger 0
         self.ctx.term()
 
     def _ready(self) -> None:
@@ -194,11 +194,12 @@ class Worker:
             self._reregister = False
             poller.unregister(self.socket)
             self.pending.clear()  # the broker that sent them is gone or has retried them
+            self.pending_rows = 0
             self._ready()
             poller.register(self.socket, zmq.POLLIN)
 
     def _drain(self) -> None:
-        rows = sum(r[4] for r in self.pending)
+        rows = self.pending_rows
         sock = self.socket
         while rows < self.spec.max_batch_size:
             try:
@@ -209,13 +210,11 @@ class Worker:
 
     def _wait_for_more(self) -> None:
         deadline = time.monotonic() + self.spec.max_delay_ms / 1000.0
-        rows = sum(r[4] for r in self.pending)
-        while rows < self.spec.max_batch_size:
+        while self.pending_rows < self.spec.max_batch_size:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(left * 1000, zmq.POLLIN):
                 return
             self._drain()
-            rows = sum(r[4] for r in self.pending)
 
     def _handle(self, frames: list) -> int:
         """Process one message from the broker; returns rows added to the pending batch."""
@@ -261,6 +260,7 @@ class Worker:
         rows = inputs[0].shape[0]
         group = (key, tuple((x.dtype.str, x.shape[1:]) for x in inputs), flags == protocol.FLAG_SOLO and rid)
         self.pending.append((client, rid, group, inputs, rows))
+        self.pending_rows += rows
         return rows
 
     def _run_pending(self) -> None:
@@ -277,6 +277,7 @@ class Worker:
                 rest.append(item)
         rest.extend(self.pending)
         self.pending = rest
+        self.pending_rows -= rows
         self._run_batch(batch)
 
     def _run_batch(self, batch: list) -> None:
