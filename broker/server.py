@@ -102,9 +102,8 @@ class Broker:
         log.info("broker listening frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
         try:
             while True:
-                if sup is not None:
-                    if sup.start_due():
-                        self._sync_starting()
+                if sup is not None and sup.start_due():  # sentinels change only when a worker starts
+                    self._sync_starting()
                     watched = self._watch(poller, watched, sup.sentinels())
                 timeout = self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
