@@ -19,16 +19,20 @@ import zmq
 from broker.config import PoolConfig
 from broker.state import PoolState
 from broker.supervisor import Slot, Supervisor
-from client.protocol import encode_disconnect
+from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests
 from client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
 _DRAIN_BATCH = 256  # messages taken from one socket before looking at the other
+# Client messages taken before what they queued is sent: requests for one worker that arrive
+# together leave as one REQUESTS message, at a bounded cost in added latency.
+_COALESCE = 32
 # Index of the first tensor frame, identity included: tensors stay zero-copy zmq.Frames, the
 # small control frames before them arrive as bytes (see client.transport).
 _CLIENT_TENSORS = 6  # identity "" MDPC01 model rid header | tensor...
 _WORKER_TENSORS = 9  # identity "" MDPW01 command client "" rid status header | tensor...
+_REQUEST = Command.REQUEST.value
 
 
 class Broker:
@@ -146,26 +150,30 @@ class Broker:
 
     def _drain_frontend(self) -> None:
         sock, handle = self.frontend, self.state.client_message
-        for _ in range(_DRAIN_BATCH):
+        for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _CLIENT_TENSORS)
             except zmq.Again:
-                return
+                break
             handle(frames[0], frames[1:])
-            self._flush()
+            if i % _COALESCE == 0:
+                self._flush()
+        self._flush()
 
     def _drain_backend(self) -> None:
         sock, handle, sup = self.backend, self.state.worker_message, self.supervisor
-        for _ in range(_DRAIN_BATCH):
+        for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _WORKER_TENSORS)
             except zmq.Again:
-                return
+                break
             identity = frames[0]
             handle(identity, frames[1:])
             if sup is not None and identity in self.state.workers and sup.mark_ready(identity):
                 self._sync_starting()
-            self._flush()
+            if i % _COALESCE == 0:
+                self._flush()
+        self._flush()
 
     def _flush(self) -> None:
         state = self.state
@@ -175,10 +183,33 @@ class Broker:
                 send_frames(sock, frames)
             state.outbox_clients.clear()
         if state.outbox_workers:
-            sock = self.backend
-            for frames in state.outbox_workers:
-                send_frames(sock, frames)
+            self._send_to_workers(state.outbox_workers)
             state.outbox_workers.clear()
+
+    def _send_to_workers(self, messages: list) -> None:
+        """Send queued worker messages; REQUESTs for a batched worker leave as one REQUESTS."""
+        sock, workers = self.backend, self.state.workers
+        held: dict[bytes, list] = {}
+        for frames in messages:
+            identity = frames[0]
+            if frames[3] == _REQUEST and len(frames) - 5 <= MAX_GROUP_FRAMES:
+                worker = workers.get(identity)
+                if worker is not None and worker.batched:
+                    held.setdefault(identity, []).append(frames)
+                    continue
+            if identity in held:  # keep order: what was queued before this message leaves first
+                self._send_requests(identity, held.pop(identity))
+            send_frames(sock, frames)
+        for identity, group in held.items():
+            self._send_requests(identity, group)
+
+    def _send_requests(self, identity: bytes, messages: list) -> None:
+        if len(messages) == 1:
+            send_frames(self.backend, messages[0])
+            return
+        # REQUEST is [identity, "", MDPW01, 0x02, client, "", rid, flags, header, *tensors]
+        groups = [[m[4], *m[6:]] for m in messages]
+        send_frames(self.backend, [identity, *encode_worker_requests(groups)])
 
     def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict) -> dict:
         for fd, slot in sentinels.items():

@@ -83,6 +83,7 @@ class Worker:
     state: WorkerState = WorkerState.READY
     inflight: dict = field(default_factory=dict)
     last_heard: float = 0.0
+    batched: bool = False  # takes REQUESTS (several requests in one message) and may send REPLIES
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -319,11 +320,16 @@ class PoolState:
         if worker is not None:
             worker.last_heard = self.now()
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
-        if command is protocol.Command.REPLY:
-            if worker is not None:
-                self._worker_reply(worker, fields)
-            else:
+        if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
+            if worker is None:
                 log.warning("reply from unknown worker=%r dropped", identity)
+            elif command is protocol.Command.REPLY:
+                self._worker_reply(worker, fields[0], fields[2], fields[3], fields[4:])
+                self._after_replies(worker)
+            else:
+                for client, rid, status, body in fields:
+                    self._worker_reply(worker, client, rid, status, body)
+                self._after_replies(worker)
         elif command is protocol.Command.READY:
             self._worker_ready(identity, worker, fields[0], fields[1])
         elif command is protocol.Command.HEARTBEAT:
@@ -352,6 +358,7 @@ class PoolState:
             pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
             expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
             last_heard=self.now(),
+            batched=info.get("batched") is True,
         )
         self.workers[identity] = worker
         entry.workers[identity] = worker
@@ -364,8 +371,7 @@ class PoolState:
                  model.decode(errors="replace"), identity.decode(errors="replace"), worker.pid, worker.capacity)
         self._dispatch(entry)
 
-    def _worker_reply(self, worker: Worker, fields: list) -> None:
-        client, _, rid, status = fields[0], fields[1], fields[2], fields[3]
+    def _worker_reply(self, worker: Worker, client: bytes, rid: bytes, status: bytes, body: Sequence[Any]) -> None:
         pending = worker.inflight.pop((client, rid), None)
         if pending is None:
             log.warning("reply for unknown request worker=%r rid=%r dropped", worker.identity, rid[:32])
@@ -377,10 +383,12 @@ class PoolState:
             entry.served += 1
         else:
             entry.errors += 1
-        self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *fields[4:]])
+        self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *body])
+
+    def _after_replies(self, worker: Worker) -> None:
         if worker.state is WorkerState.DRAINING and not worker.inflight:
             self._forget(worker)
-        self._dispatch(entry)
+        self._dispatch(self.models[worker.model])
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
         error = info.get("error") if isinstance(info, dict) else None

@@ -27,13 +27,21 @@ Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the ident
     REPLY      ""  "MDPW01"  0x03  <client>  ""  <request-id>  <status>  <header>  <tensor>...
     HEARTBEAT  ""  "MDPW01"  0x04
     DISCONNECT ""  "MDPW01"  0x05  [<info: msgpack {model, error}>]
+    REQUESTS   ""  "MDPW01"  0x06  <sizes>  { <client>  <request-id>  <flags>  <header>  <tensor>... }...
+    REPLIES    ""  "MDPW01"  0x07  <sizes>  { <client>  <request-id>  <status>  <header>  <tensor>... }...
 
     flags      ASCII letters, "" for none; "S": run this request in a batch of its own (a retry
                after a worker died with it in flight).
+    sizes      one little-endian uint16 per group: how many frames that group has (4 + tensors).
+               REQUESTS/REPLIES carry several requests/replies in one message, so that a batch
+               costs one message each way instead of one per request. The broker sends REQUESTS
+               only to workers whose READY info has "batched": true; such a worker may answer
+               with REPLIES.
 """
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import msgpack
@@ -66,6 +74,8 @@ class Command(bytes, enum.Enum):
     REPLY = b"\x03"
     HEARTBEAT = b"\x04"
     DISCONNECT = b"\x05"
+    REQUESTS = b"\x06"
+    REPLIES = b"\x07"
 
 
 _COMMANDS = {c.value: c for c in Command}
@@ -364,17 +374,64 @@ def encode_worker_reply(
     return [b"", WORKER, Command.REPLY.value, client, b"", rid, status, packed, *tensors]
 
 
+_GROUP_FRAMES = 4  # client, request-id, flags or status, header
+MAX_GROUP_FRAMES = 0xFFFF  # a group's size travels as a uint16
+
+
+def encode_worker_requests(groups: Sequence[Sequence[Any]]) -> list:
+    """REQUESTS frames from the broker: each group is ``[client, rid, flags, header, *tensors]``."""
+    return [b"", WORKER, Command.REQUESTS.value, *_encode_groups(groups)]
+
+
+def encode_worker_replies(groups: Sequence[Sequence[Any]]) -> list:
+    """REPLIES frames from a worker: each group is ``[client, rid, status, header, *tensors]``."""
+    return [b"", WORKER, Command.REPLIES.value, *_encode_groups(groups)]
+
+
+def _encode_groups(groups: Sequence[Sequence[Any]]) -> list:
+    out = [struct.pack(f"<{len(groups)}H", *[len(g) for g in groups])]
+    for group in groups:
+        out.extend(group)
+    return out
+
+
+def _split_groups(command: Command, fields: list) -> list[tuple[bytes, bytes, bytes, list]]:
+    """(client, request-id, flags or status, [header, *tensors]) per group of REQUESTS/REPLIES."""
+    sizes_frame = frame_bytes(fields[0])
+    if not sizes_frame or len(sizes_frame) % 2:
+        raise ProtocolError(f"{command.name}: sizes frame must hold one uint16 per group, got {len(sizes_frame)} bytes")
+    sizes = struct.unpack(f"<{len(sizes_frame) // 2}H", sizes_frame)
+    if sum(sizes) != len(fields) - 1:
+        raise ProtocolError(f"{command.name}: sizes add up to {sum(sizes)} frames, message has {len(fields) - 1}")
+    groups, pos = [], 1
+    for size in sizes:
+        if size < _GROUP_FRAMES:
+            raise ProtocolError(f"{command.name}: a group needs at least {_GROUP_FRAMES} frames, got {size}")
+        client = _check_id(frame_bytes(fields[pos]), "client address")
+        rid = _check_id(frame_bytes(fields[pos + 1]), "request-id")
+        groups.append((client, rid, frame_bytes(fields[pos + 2]), fields[pos + 3 : pos + size]))
+        pos += size
+    return groups
+
+
 _MIN_FIELDS = {
     Command.READY: 2,
     Command.REQUEST: 5,
     Command.REPLY: 5,
     Command.HEARTBEAT: 0,
     Command.DISCONNECT: 0,
+    Command.REQUESTS: 1 + _GROUP_FRAMES,
+    Command.REPLIES: 1 + _GROUP_FRAMES,
 }
 
 
 def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
-    """Parse an MDPW01 message (after the ROUTER identity, if any); fields follow the command."""
+    """Parse an MDPW01 message (after the ROUTER identity, if any); fields follow the command.
+
+    REQUEST and REPLY fields are the frames after the command, with client, request-id and
+    flags/status as bytes. REQUESTS and REPLIES fields are one ``(client, rid, flags or status,
+    [header, *tensors])`` tuple per group.
+    """
     if len(frames) < 3:
         raise ProtocolError(f"a worker message needs at least 3 frames, got {len(frames)}")
     if frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != WORKER:
@@ -396,5 +453,7 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
         fields[1] = unpack_header(fields[1])
     elif command is Command.DISCONNECT and fields:
         fields[0] = unpack_header(fields[0])
+    elif command in (Command.REQUESTS, Command.REPLIES):
+        fields = _split_groups(command, fields)
     return WorkerMessage(command, fields)
 

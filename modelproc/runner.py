@@ -77,7 +77,8 @@ class Runner:
             ys = ys if isinstance(ys, (list, tuple)) else [ys]
             return dict(zip(names, ys))
 
-        return tf.function(call, input_signature=signature).get_concrete_function()
+        concrete = tf.function(call, input_signature=signature).get_concrete_function()
+        return _fast_call(concrete, [(s.shape, s.dtype) for s in self.inputs]) or concrete
 
     def _load_savedmodel(self, path: str) -> None:
         self.platform = "tensorflow_savedmodel"
@@ -196,6 +197,49 @@ class Runner:
                 inputs = [np.concatenate([x, np.zeros((size - rows, *x.shape[1:]), x.dtype)]) for x in inputs]
         result = fn(*inputs)
         return [(spec, result[spec.name].numpy()[:rows]) for spec in specs]
+
+
+class _FlatCall:
+    """A concrete function called with flat tensors: skips per-call argument binding and packing.
+
+    ``ConcreteFunction.__call__`` binds its arguments to the signature, casts and re-packs on every
+    call: about 45% of a small model's call. This reaches the compiled graph directly through
+    TensorFlow internals, so ``_fast_call`` checks it against the public path before using it.
+    """
+
+    def __init__(self, concrete: Any) -> None:
+        from tensorflow.python.eager import context
+        from tensorflow.python.framework import ops
+
+        self._atomic = concrete._inference_function
+        self._captures = list(concrete.captured_inputs)
+        self._names = sorted(concrete.structured_outputs)  # a dict flattens in sorted key order
+        self._device = context.context().device_name
+        self._tensor = ops.EagerTensor
+        self._enums = [tf.as_dtype(spec.dtype).as_datatype_enum for spec in concrete.structured_input_signature[0]]
+
+    def __call__(self, *xs: np.ndarray) -> dict:
+        device, make = self._device, self._tensor
+        args = [make(x, device, enum) for x, enum in zip(xs, self._enums)]
+        flat = self._atomic.call_flat(*args, *self._captures)
+        return dict(zip(self._names, flat))
+
+
+def _fast_call(concrete: Any, inputs: list[tuple[tuple, np.dtype]]) -> _FlatCall | None:
+    """A ``_FlatCall`` if this TensorFlow supports it and it answers exactly as the public call."""
+    try:
+        fast = _FlatCall(concrete)
+        rng = np.random.default_rng(0)
+        for rows in (1, 3):
+            xs = [np.abs(rng.standard_normal((rows, *[d or 2 for d in shape[1:]]))).astype(dtype) for shape, dtype in inputs]
+            want, got = concrete(*xs), fast(*xs)
+            if sorted(want) != sorted(got) or not all(
+                    np.array_equal(want[k].numpy(), got[k].numpy(), equal_nan=True) for k in want):
+                raise ValueError("outputs differ from the public call")
+        return fast
+    except Exception as exc:  # internals moved, or an input the check cannot build: use the public path
+        log.info("using ConcreteFunction.__call__ (flat call unavailable: %s: %s)", type(exc).__name__, exc)
+        return None
 
 
 def _input_name(tensor: Any) -> str:

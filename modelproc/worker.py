@@ -92,6 +92,7 @@ class Worker:
         self.model_b = spec.model.encode()
         self.pending: deque = deque()  # (client, rid, group key, inputs, rows) waiting for a batch
         self.pending_rows = 0
+        self.replies: list[list] = []  # [client, rid, status, header, *tensors], sent together
         self.liveness = spec.heartbeat_liveness
         self.broker_expiry = 0.0
         self.last_sent = 0.0
@@ -141,7 +142,8 @@ class Worker:
 
     def _ready(self) -> None:
         info = {"version": self.spec.version, "capacity": self.spec.max_batch_size,
-                "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata}
+                "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata,
+                "batched": True}
         self._connect().send_multipart(protocol.encode_ready(self.model_b, info))
         now = time.monotonic()
         self.last_sent = now
@@ -164,6 +166,8 @@ class Worker:
                     self._wait_for_more()
             if self.pending:
                 self._run_pending()
+            if self.replies:
+                self._send_replies()
             self._housekeeping(poller)
         log.info("model=%s worker leaving after %d requests", self.spec.model, self.served)
         if self.socket is not None:
@@ -195,6 +199,7 @@ class Worker:
             poller.unregister(self.socket)
             self.pending.clear()  # the broker that sent them is gone or has retried them
             self.pending_rows = 0
+            self.replies.clear()
             self._ready()
             poller.register(self.socket, zmq.POLLIN)
 
@@ -226,7 +231,9 @@ class Worker:
             log.warning("dropped malformed message from broker: %s", exc)
             return 0
         if command is Command.REQUEST:
-            return self._accept(fields)
+            return self._accept(fields[0], fields[2], fields[3], fields[4:])
+        if command is Command.REQUESTS:
+            return sum(self._accept(client, rid, flags, body) for client, rid, flags, body in fields)
         if command is Command.DISCONNECT:
             info = fields[0] if fields and isinstance(fields[0], dict) else {}
             if info.get("reconnect"):
@@ -237,18 +244,15 @@ class Worker:
                 self.running = False
         return 0
 
-    def _accept(self, fields: list) -> int:
-        client, rid, flags = fields[0], fields[2], fields[3]
+    def _accept(self, client: bytes, rid: bytes, flags: bytes, body: list) -> int:
         try:
-            if len(fields) < 5:
-                raise ProtocolError("REQUEST carries no header frame")
-            header = protocol.unpack_header(fields[4])
+            header = protocol.unpack_header(body[0])
             if header.get("op") == "metadata":
                 self._reply(client, rid, protocol.OK, self.metadata)
                 return 0
             if "op" in header:
                 raise InvalidInput(f"unknown op {header['op']!r}; the only op is 'metadata'")
-            tensors = protocol.decode_tensors(header.get("inputs", []), fields[5:])
+            tensors = protocol.decode_tensors(header.get("inputs", []), body[1:])
             inputs = self.runner.check_inputs(tensors)
             key = self.runner.check_outputs(header.get("outputs"))
         except PoolError as exc:
@@ -319,11 +323,21 @@ class Worker:
         return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
-        send_frames(self.socket, protocol.encode_worker_reply(client, rid, status, header, tensors))
-        self.last_sent = time.monotonic()
+        self.replies.append([client, rid, status, protocol.packb(header), *tensors])
 
     def _reply_error(self, client: bytes, rid: bytes, error: PoolError) -> None:
-        send_frames(self.socket, protocol.encode_worker_reply(client, rid, error.status, protocol.error_header(error)))
+        self.replies.append([client, rid, error.status, protocol.error_header(error)])
+
+    def _send_replies(self) -> None:
+        """Everything answered since the last call: one REPLY, or one REPLIES for several."""
+        replies = self.replies
+        if len(replies) == 1:
+            client, rid, status, header, *tensors = replies[0]
+            frames = protocol.encode_worker_reply(client, rid, status, header, tensors)
+        else:
+            frames = protocol.encode_worker_replies(replies)
+        send_frames(self.socket, frames)
+        self.replies = []
         self.last_sent = time.monotonic()
 
 

@@ -49,6 +49,7 @@ import zmq  # noqa: E402
 
 from client import Client  # noqa: E402
 from client import protocol  # noqa: E402
+from client.transport import REPLY_TENSORS, recv_frames, send_frames  # noqa: E402
 
 SYSTEMS = ("direct", "threadpool", "modelpool-1", "modelpool-2", "ray-serve-2")
 WORKLOADS = ("tiny", "cnn")
@@ -292,7 +293,7 @@ def dealer_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float
                 while len(sent) < n:
                     seq += 1
                     rid = seq.to_bytes(8, "little")
-                    sock.send_multipart([*head, rid, header, payload])
+                    send_frames(sock, [*head, rid, header, payload])
                     sent[rid] = perf()
             elif not sent:
                 break
@@ -303,7 +304,7 @@ def dealer_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float
                 continue
             while True:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock, REPLY_TENSORS)
                 except zmq.Again:
                     break
                 t = last = perf()
@@ -924,7 +925,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, info: dict, vers: dict, 
 
 
 GENERATOR_TEXT = {
-    "dealer": "one DEALER socket pipelining N requests built with client.protocol, matched by request-id",
+    "dealer": "one DEALER socket pipelining N requests built with client.protocol and sent with client.transport, matched by request-id",
     "threads": "N threads, each a blocking Client.predict loop on one shared Client",
     "async": "N coroutines on one client.aio.AsyncClient",
 }

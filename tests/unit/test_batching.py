@@ -79,17 +79,29 @@ def _settle(worker, count: int) -> None:
             got += len(worker.pending) - before
         if worker.pending:
             worker._run_pending()
+        if worker.replies:
+            worker._send_replies()
 
 
-def _replies(router, count: int) -> dict:
+def _replies(router, count: int, messages: list | None = None) -> dict:
+    """``count`` replies by request-id, from REPLY or REPLIES messages (their commands go to ``messages``)."""
     out = {}
-    for _ in range(count):
+    while len(out) < count:
         assert router.poll(5000)
         frames = router.recv_multipart()
         command, fields = protocol.parse_worker_message(frames[1:])
-        assert command is protocol.Command.REPLY
-        rid, status, header, tensors = fields[2], fields[3], protocol.unpack_header(fields[4]), fields[5:]
-        out[rid] = (status, header, protocol.decode_tensors(header.get("outputs", []), tensors) if status == b"200" else None)
+        if messages is not None:
+            messages.append(command)
+        if command is protocol.Command.REPLY:
+            groups = [(fields[0], fields[2], fields[3], fields[4:])]
+        else:
+            assert command is protocol.Command.REPLIES
+            groups = fields
+        for _, rid, status, body in groups:
+            header, tensors = protocol.unpack_header(body[0]), body[1:]
+            assert rid not in out
+            out[rid] = (status, header,
+                        protocol.decode_tensors(header.get("outputs", []), tensors) if status == b"200" else None)
     return out
 
 
@@ -105,6 +117,39 @@ def test_waiting_requests_run_as_one_call_and_are_split_back(rig):
         status, header, outputs = replies[rid]
         assert status == b"200" and header["model_name"] == "m"
         np.testing.assert_array_equal(outputs["y"], x * 2)
+
+
+def test_one_batch_is_answered_with_one_replies_message(rig):
+    worker, router = rig
+    xs = {f"r{i}".encode(): np.full((1, 3), i, "float32") for i in range(4)}
+    for rid, x in xs.items():
+        _send(router, rid, x)
+    _settle(worker, 4)
+    assert worker.runner.calls == [4]
+    messages: list = []
+    replies = _replies(router, 4, messages)
+    assert messages == [protocol.Command.REPLIES]
+    for rid, x in xs.items():
+        np.testing.assert_array_equal(replies[rid][2]["y"], x * 2)
+
+
+def test_a_requests_message_is_taken_as_its_requests(rig):
+    worker, router = rig
+    groups, xs = [], {}
+    for i in range(3):
+        rid = f"q{i}".encode()
+        xs[rid] = np.full((i + 1, 3), i, "float32")
+        metas, frames = protocol.encode_tensors({"x": xs[rid]})
+        groups.append([f"client{i}".encode(), rid, b"", protocol.packb({"inputs": metas}), *frames])
+    groups.append([b"client9", b"bad", b"", protocol.packb({"inputs": []})])  # wrong inputs: 400, others run
+    router.send_multipart([b"w1", *protocol.encode_worker_requests(groups)])
+    _settle(worker, 3)
+    assert worker.runner.calls == [6]
+    replies = _replies(router, 4)
+    assert replies[b"bad"][0] == b"400"
+    for rid, x in xs.items():
+        assert replies[rid][0] == b"200"
+        np.testing.assert_array_equal(replies[rid][2]["y"], x * 2)
 
 
 def test_batches_never_exceed_max_batch_size(rig):
@@ -161,6 +206,7 @@ def test_bad_request_is_answered_400_without_running(rig):
     assert worker.socket.poll(5000)
     worker._drain()
     assert not worker.pending and worker.runner.calls == []
+    worker._send_replies()
     status, header, _ = _replies(router, 1)[b"r"]
     assert status == b"400" and "expects inputs ['x']" in header["error"]["message"]
 

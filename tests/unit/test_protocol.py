@@ -1,6 +1,8 @@
 """Round trips and rejections for every message kind of the wire protocol (no sockets, no processes)."""
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import numpy as np
 import pytest
@@ -453,6 +455,8 @@ def test_commands_are_single_bytes():
         "REPLY": b"\x03",
         "HEARTBEAT": b"\x04",
         "DISCONNECT": b"\x05",
+        "REQUESTS": b"\x06",
+        "REPLIES": b"\x07",
     }
 
 
@@ -504,6 +508,34 @@ def test_error_reply_from_worker_reaches_the_client_typed():
     assert (got.status, got.message) == (b"400", error.message)
 
 
+@pytest.mark.parametrize("command", [Command.REQUESTS, Command.REPLIES])
+def test_batched_messages_round_trip_group_by_group(command):
+    encode = protocol.encode_worker_requests if command is Command.REQUESTS else protocol.encode_worker_replies
+    values = [sample("FP32", (1, 3)), sample("INT64", (2, 2)), None]
+    groups = []
+    for i, value in enumerate(values):
+        tensors = [] if value is None else protocol.encode_tensors({"x": value, "y": value})[1]
+        groups.append([f"client{i}".encode(), f"rid{i}".encode(), b"S" if i else b"", protocol.packb({"i": i}), *tensors])
+    frames = encode(groups)
+    assert frames[:3] == [b"", b"MDPW01", command.value]
+    assert struct.unpack("<3H", frames[3]) == (6, 6, 4)
+    # what a ROUTER hands on: control frames as bytes or zmq.Frames, tensors as zmq.Frames
+    message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 8 else f for i, f in enumerate(frames)])
+    assert message.command is command
+    assert len(message.fields) == 3
+    for i, (client, rid, flags, body) in enumerate(message.fields):
+        assert (client, rid, flags) == (f"client{i}".encode(), f"rid{i}".encode(), b"S" if i else b"")
+        assert protocol.unpack_header(body[0]) == {"i": i}
+        if values[i] is None:
+            assert body[1:] == []
+        else:
+            metas = [{"name": n, "datatype": protocol.datatype_of(values[i].dtype), "shape": list(values[i].shape)}
+                     for n in "xy"]
+            decoded = protocol.decode_tensors(metas, body[1:])
+            assert_same(decoded["x"], values[i])
+            assert_same(decoded["y"], values[i])
+
+
 def test_heartbeat_round_trips():
     frames = protocol.encode_heartbeat()
     assert frames == [b"", b"MDPW01", b"\x04"]
@@ -543,6 +575,16 @@ def worker_reply() -> list:
     return protocol.encode_worker_reply(CLIENT_ADDR, RID, b"200", {})
 
 
+def worker_requests() -> list:
+    return protocol.encode_worker_requests([[CLIENT_ADDR, RID, b"", protocol.packb({})],
+                                            [b"other", b"2", b"S", protocol.packb({})]])
+
+
+def worker_replies() -> list:
+    return protocol.encode_worker_replies([[CLIENT_ADDR, RID, b"200", protocol.packb({})],
+                                           [b"other", b"2", b"500", protocol.packb({})]])
+
+
 @pytest.mark.parametrize(
     "frames, match",
     [
@@ -551,7 +593,7 @@ def worker_reply() -> list:
         ([b"x", b"MDPW01", b"\x04"], "must start with"),
         ([b"", b"MDPC01", b"\x04"], "must start with"),
         ([b"", b"MDPW02", b"\x04"], "must start with"),
-        ([b"", b"MDPW01", b"\x06"], "unknown worker command"),
+        ([b"", b"MDPW01", b"\x08"], "unknown worker command"),
         ([b"", b"MDPW01", b"\x00"], "unknown worker command"),
         ([b"", b"MDPW01", b""], "unknown worker command"),
         ([b"", b"MDPW01", b"READY"], "unknown worker command"),
@@ -570,6 +612,15 @@ def worker_reply() -> list:
         (replace(worker_reply(), 4, b"x"), "REPLY: client address must be followed by an empty frame"),
         (replace(worker_request(), 5, b""), "request-id must be 1 to 255"),
         (replace(worker_reply(), 5, b"i" * 256), "request-id must be 1 to 255"),
+        (worker_requests()[:7], "REQUESTS needs at least 5 fields, got 4"),
+        (worker_replies()[:7], "REPLIES needs at least 5 fields, got 4"),
+        (replace(worker_requests(), 3, b""), "sizes frame must hold one uint16 per group, got 0 bytes"),
+        (replace(worker_requests(), 3, b"\x05"), "sizes frame must hold one uint16 per group, got 1 bytes"),
+        (replace(worker_requests(), 3, struct.pack("<2H", 5, 4)), "sizes add up to 9 frames, message has 8"),
+        (replace(worker_requests(), 3, struct.pack("<2H", 4, 3)), "sizes add up to 7 frames, message has 8"),
+        (replace(worker_requests(), 3, struct.pack("<3H", 4, 3, 1)), "a group needs at least 4 frames, got 3"),
+        (replace(worker_replies(), 4, b""), "client address must be 1 to 255"),
+        (replace(worker_replies(), 9, b"i" * 256), "request-id must be 1 to 255"),
         (protocol.encode_disconnect() + [b"\xc1"], "not valid msgpack"),
         (protocol.encode_disconnect() + [protocol.packb("bye")], "must be a msgpack map"),
     ],

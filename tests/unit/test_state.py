@@ -867,3 +867,36 @@ def test_deadline_watch_memory_is_bounded_by_the_queue_not_by_rate_times_timeout
     assert len(state._deadlines) == 0
     statuses = {r.status for _, r in client_out(state)}
     assert statuses == {protocol.OK}
+
+
+# --- batched worker messages -------------------------------------------------------------------
+
+
+def test_ready_with_batched_marks_the_worker():
+    clock = Clock()
+    state = make_state(clock, "m")
+    ready(state, W1, "m", capacity=4, batched=True)
+    ready(state, W2, "m", capacity=4)
+    ready(state, W3, "m", capacity=4, batched="yes")  # only a msgpack true counts
+    assert [state.workers[w].batched for w in (W1, W2, W3)] == [True, False, False]
+
+
+def test_replies_answer_every_group_and_free_capacity(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", capacity=3, batched=True)
+    for i in range(4):
+        infer(state, ALICE if i % 2 else BOB, "m", f"r{i}".encode(), float(i))
+    assert [d[2] for d in dispatched(state)] == [b"r0", b"r1", b"r2"]  # r3 waits for capacity
+    metas, frames = protocol.encode_tensors({"y": np.array([[7.0]], dtype=np.float32)})
+    header = protocol.packb({**OUT_HEADER, "outputs": metas})
+    groups = [[BOB, b"r0", protocol.OK, header, *frames],
+              [ALICE, b"r1", b"500", protocol.error_header(ModelError("boom"))],
+              [BOB, b"unknown", protocol.OK, header, *frames]]  # dropped with a warning, others delivered
+    state.worker_message(W1, protocol.encode_worker_replies(groups))
+    out = client_out(state)
+    assert [(who, rep.rid, rep.status) for who, rep in out] == [(BOB, b"r0", b"200"), (ALICE, b"r1", b"500")]
+    assert protocol.decode_tensors(out[0][1].header["outputs"], out[0][1].tensors)["y"].tolist() == [[7.0]]
+    assert type(protocol.reply_error(out[1][1])) is ModelError
+    assert [d[2] for d in dispatched(state)] == [b"r3"]  # the freed capacity is used at once
+    entry = state.models[b"m"]
+    assert (entry.served, entry.errors, len(state.workers[W1].inflight)) == (1, 1, 2)
