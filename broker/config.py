@@ -172,14 +172,14 @@ def load(path: str | os.PathLike) -> PoolConfig:
 
 
 def default_threads(replicas_on_host: int, cores: int | None = None) -> int:
-    """TensorFlow intra-op threads for one replica: its share of the cores left after one for the
-    broker and clients, at least 1.
+    """TensorFlow intra-op threads for one replica: its share of the host's cores, at least 1.
 
-    TensorFlow's idle intra-op threads spin before they sleep; threads beyond the cores the
-    replicas can have to themselves steal CPU from the broker (measured: tiny model, 1 replica on
-    2 cores, 128 in flight: 8.7k req/s with 1 thread, 5.2k with 2; see docs/BENCHMARKS.md).
+    Measured on 2 cores with one replica (see docs/PERFORMANCE.md): a compute-bound convnet
+    serves 29 to 47% more with 2 threads than with 1, while a tiny model loses about 8%, because
+    TensorFlow's idle threads spin and take CPU from the broker. Since requests travel to the
+    worker in batches (REQUESTS/REPLIES), that loss is small, so every core goes to the models.
+    ``threads`` in the config overrides this per model.
     """
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - 1) // max(1, replicas_on_host))
-
+    return max(1, cores // max(1, replicas_on_host))

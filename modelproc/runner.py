@@ -121,12 +121,13 @@ class Runner:
         batch = None
         for spec in self.inputs:
             array = tensors[spec.name]
-            want = _shape_text(spec.shape)
             if array.dtype != spec.dtype:
+                want = _shape_text(spec.shape)
                 raise InvalidInput(
                     f"input {spec.name!r}: expected {datatype_of(spec.dtype)} {want}, got "
                     f"{datatype_of(array.dtype)} {list(array.shape)}; convert with .astype('{spec.dtype.name}')")
             if array.ndim != len(spec.shape) or any(w is not None and w != g for w, g in zip(spec.shape[1:], array.shape[1:])):
+                want = _shape_text(spec.shape)
                 raise InvalidInput(
                     f"input {spec.name!r}: expected shape {want} ({datatype_of(spec.dtype)}), got "
                     f"{list(array.shape)}; the first dimension is the batch")
@@ -226,7 +227,9 @@ class _FlatCall:
 
     def __call__(self, *xs: np.ndarray) -> dict:
         device, make = self._device, self._tensor
-        args = [make(x, device, enum) for x, enum in zip(xs, self._enums)]
+        # An array over a ZeroMQ frame takes TensorFlow about twice as long to convert as a copy of
+        # it does, copy included (measured from 128 bytes to 600 KB).
+        args = [make(x if x.flags.owndata else x.copy(), device, enum) for x, enum in zip(xs, self._enums)]
         args.extend(self._captures)
         flat = self._context.call_function(self._function, args, self._outputs)
         return dict(zip(self._names, flat))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import DEFAULT_FRONTEND, ConfigError, ModelConfig, PoolConfig, from_dict, load
+from broker.config import DEFAULT_FRONTEND, ConfigError, ModelConfig, PoolConfig, default_threads, from_dict, load
 
 
 @pytest.fixture
@@ -312,3 +312,8 @@ def test_non_loopback_bind_needs_an_explicit_opt_in(tmp_path, endpoint):
     assert PoolConfig(models=(model,), frontend=endpoint, insecure_network=True).frontend == endpoint
     for local in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://localhost:5555", f"ipc://{tmp_path}/f"):
         assert PoolConfig(models=(model,), frontend=local).frontend == local
+
+
+@pytest.mark.parametrize("replicas, cores, threads", [(1, 2, 2), (2, 2, 1), (3, 2, 1), (4, 16, 4), (3, 16, 5), (0, 8, 8)])
+def test_default_threads_share_the_cores_between_replicas(replicas, cores, threads):
+    assert default_threads(replicas, cores) == threads
