@@ -1,0 +1,64 @@
+"""The worker's model side in-process: the flat graph call must answer exactly as Keras does."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def runner_module():
+    from modelproc import runner
+
+    return runner
+
+
+def _inputs(rng, rows: int, *shapes: tuple) -> list:
+    return [rng.standard_normal((rows, *shape)).astype("float32") for shape in shapes]
+
+
+def test_flat_call_is_used_and_matches_keras_on_a_multi_input_multi_output_model(models, runner_module, rng):
+    r = runner_module.Runner(str(models.multi), max_batch_size=8)
+    fn, specs = r._functions[()]
+    assert isinstance(fn, runner_module._FlatCall)
+    for rows in (1, 5, 8):
+        xs = _inputs(rng, rows, (4,), (3,))
+        got = dict((s.name, y) for s, y in r.run(xs, ()))
+        want = models.keras["multi"].predict_on_batch(xs)
+        np.testing.assert_allclose(got["out_sum"], want[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got["out_cls"], want[1], rtol=1e-6, atol=1e-6)
+
+
+def test_flat_call_takes_read_only_views_over_frames(models, runner_module, rng):
+    r = runner_module.Runner(str(models.a), max_batch_size=8)
+    x = _inputs(rng, 3, (8,))[0]
+    view = np.frombuffer(x.tobytes(), dtype="<f4").reshape(3, 8)  # as decoded from a ZeroMQ frame
+    assert not view.flags.writeable and not view.flags.owndata
+    (spec, y), = r.run([view], ())
+    np.testing.assert_allclose(y, models.keras["a"].predict_on_batch(x), rtol=1e-6, atol=1e-6)
+
+
+def test_intermediate_layer_sub_model_uses_the_flat_call_too(models, runner_module, rng):
+    r = runner_module.Runner(str(models.a), max_batch_size=8)
+    key = r.check_outputs([{"name": "hidden"}])
+    fn, _ = r._functions[key]
+    assert isinstance(fn, runner_module._FlatCall)
+    x = _inputs(rng, 2, (8,))[0]
+    (spec, hidden), = r.run([x], key)
+    assert spec.name == "hidden" and hidden.shape == (2, 16)
+    np.testing.assert_array_less(-1e-9, hidden)  # relu
+
+
+def test_public_call_is_kept_when_the_flat_call_disagrees(models, runner_module, monkeypatch):
+    def wrong(self, *xs):
+        return {name: y * 2 for name, y in original(self, *xs).items()}
+
+    original = runner_module._FlatCall.__call__
+    monkeypatch.setattr(runner_module._FlatCall, "__call__", wrong)
+    r = runner_module.Runner(str(models.a), max_batch_size=4)
+    fn, _ = r._functions[()]
+    assert not isinstance(fn, runner_module._FlatCall)
+    x = np.ones((2, 8), "float32")
+    (_, y), = r.run([x], ())
+    np.testing.assert_allclose(y, models.keras["a"].predict_on_batch(x), rtol=1e-6, atol=1e-6)
