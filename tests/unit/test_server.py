@@ -120,3 +120,19 @@ def test_a_single_waiting_request_still_leaves_as_a_plain_request(rig):
     client = connect(zmq.DEALER, config.frontend, b"c1")
     _send_requests(broker, client, 1)
     assert [m.command for m in _worker_messages(worker)] == [Command.REQUEST]
+
+
+def test_messages_queued_between_requests_keep_their_order(rig):
+    broker, connect, config = rig
+    worker = _register(broker, connect, config, b"w1", batched=True)
+    body = [protocol.packb({"inputs": []})]
+    outbox = broker.state.outbox_workers
+    for rid in (b"r1", b"r2"):
+        outbox.append([b"w1", *protocol.encode_worker_request(b"c1", rid, b"", body)])
+    outbox.append([b"w1", *protocol.encode_heartbeat()])
+    outbox.append([b"w1", *protocol.encode_worker_request(b"c1", b"r3", b"S", body)])
+    broker._flush()
+    messages = _worker_messages(worker)
+    assert [m.command for m in messages] == [Command.REQUESTS, Command.HEARTBEAT, Command.REQUEST]
+    assert [rid for _, rid, _, _ in messages[0].fields] == [b"r1", b"r2"]
+    assert messages[2].fields[2:4] == [b"r3", b"S"]
