@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,7 @@ class Pool:
         self.config = write_config(self.dir / "pool.toml", models, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")
+        self._final_log: str | None = None  # kept by stop(), which removes the directory
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), TF_CPP_MIN_LOG_LEVEL="2")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scripts.modelpool", "serve", "-c", str(self.config)],
@@ -98,8 +100,10 @@ class Pool:
         raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}")
 
     def read_log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         self.log.flush()
-        return self.log_path.read_text()
+        return self.log_path.read_text(errors="replace")
 
     def worker_pids(self, model: str | None = None) -> list[int]:
         return [w["pid"] for m in self.client.models(timeout=5.0) if model in (None, m["name"])
@@ -123,4 +127,6 @@ class Pool:
         self.client.close()
         self.log.close()
         wait_until(lambda: not any(process_alive(p) for p in pids), 15.0, what="workers gone")
+        self._final_log = self.log_path.read_text(errors="replace")
+        shutil.rmtree(self.dir, ignore_errors=True)  # config, log and ipc sockets; the log stays readable
         return code
