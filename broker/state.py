@@ -323,13 +323,12 @@ class PoolState:
         if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
             if worker is None:
                 log.warning("reply from unknown worker=%r dropped", identity)
-            elif command is protocol.Command.REPLY:
-                self._worker_reply(worker, fields[0], fields[2], fields[3], fields[4:])
-                self._after_replies(worker)
             else:
-                for client, rid, status, body in fields:
+                for client, rid, status, body in protocol.message_groups(message):
                     self._worker_reply(worker, client, rid, status, body)
-                self._after_replies(worker)
+                if worker.state is WorkerState.DRAINING and not worker.inflight:
+                    self._forget(worker)
+                self._dispatch(self.models[worker.model])
         elif command is protocol.Command.READY:
             self._worker_ready(identity, worker, fields[0], fields[1])
         elif command is protocol.Command.HEARTBEAT:
@@ -384,11 +383,6 @@ class PoolState:
         else:
             entry.errors += 1
         self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *body])
-
-    def _after_replies(self, worker: Worker) -> None:
-        if worker.state is WorkerState.DRAINING and not worker.inflight:
-            self._forget(worker)
-        self._dispatch(self.models[worker.model])
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
         error = info.get("error") if isinstance(info, dict) else None

@@ -457,3 +457,12 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
         fields = _split_groups(command, fields)
     return WorkerMessage(command, fields)
 
+
+def message_groups(message: WorkerMessage) -> list[tuple[bytes, bytes, bytes, list]]:
+    """(client, request-id, flags or status, [header, *tensors]) of each request or reply a
+    REQUEST, REPLY, REQUESTS or REPLIES carries: one shape for the single and batched forms."""
+    command, fields = message
+    if command in (Command.REQUEST, Command.REPLY):
+        return [(fields[0], fields[2], fields[3], fields[4:])]
+    return fields
+

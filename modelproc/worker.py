@@ -226,14 +226,13 @@ class Worker:
         self.broker_expiry = time.monotonic() + self.spec.heartbeat_interval * self.liveness
         self._broker_lost_since = None
         try:
-            command, fields = protocol.parse_worker_message(frames)
+            message = protocol.parse_worker_message(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from broker: %s", exc)
             return 0
-        if command is Command.REQUEST:
-            return self._accept(fields[0], fields[2], fields[3], fields[4:])
-        if command is Command.REQUESTS:
-            return sum(self._accept(client, rid, flags, body) for client, rid, flags, body in fields)
+        command, fields = message
+        if command is Command.REQUEST or command is Command.REQUESTS:
+            return sum(self._accept(*group) for group in protocol.message_groups(message))
         if command is Command.DISCONNECT:
             info = fields[0] if fields and isinstance(fields[0], dict) else {}
             if info.get("reconnect"):

@@ -89,15 +89,11 @@ def _replies(router, count: int, messages: list | None = None) -> dict:
     while len(out) < count:
         assert router.poll(5000)
         frames = router.recv_multipart()
-        command, fields = protocol.parse_worker_message(frames[1:])
+        message = protocol.parse_worker_message(frames[1:])
+        assert message.command in (protocol.Command.REPLY, protocol.Command.REPLIES)
         if messages is not None:
-            messages.append(command)
-        if command is protocol.Command.REPLY:
-            groups = [(fields[0], fields[2], fields[3], fields[4:])]
-        else:
-            assert command is protocol.Command.REPLIES
-            groups = fields
-        for _, rid, status, body in groups:
+            messages.append(message.command)
+        for _, rid, status, body in protocol.message_groups(message):
             header, tensors = protocol.unpack_header(body[0]), body[1:]
             assert rid not in out
             out[rid] = (status, header,
