@@ -74,6 +74,7 @@ class PoolConfig:
     restart_backoff_max: float = 30.0
     log_level: str = "INFO"
     insecure_network: bool = False  # allow non-loopback tcp binds (no CurveZMQ yet: unencrypted)
+    exit_on_error: bool = True  # a model that fails to load at start stops the pool (Triton's --exit-on-error)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -86,8 +87,9 @@ class PoolConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not re.match(r"^(tcp|ipc|inproc)://.+", value):
                 raise ConfigError(f"pool.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {value!r}")
-        if not isinstance(self.insecure_network, bool):
-            raise ConfigError(f"pool.insecure_network must be true or false, got {self.insecure_network!r}")
+        for key in ("insecure_network", "exit_on_error"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"pool.{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("frontend", "backend"):
             value = getattr(self, key)
             if value and not self.insecure_network and not _is_local(value):

@@ -18,7 +18,7 @@ import zmq
 
 from broker.config import PoolConfig
 from broker.state import PoolState
-from broker.supervisor import Slot, Supervisor
+from broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
 from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests
 from client.transport import recv_frames, send_frames
 
@@ -33,6 +33,9 @@ _COALESCE = 32
 _CLIENT_TENSORS = 6  # identity "" MDPC01 model rid header | tensor...
 _WORKER_TENSORS = 9  # identity "" MDPW01 command client "" rid status header | tensor...
 _REQUEST = Command.REQUEST.value
+# After the first load failure at start, how long to keep reading before stopping: a worker's
+# DISCONNECT with the loader's error can arrive just after its process sentinel fired.
+_LOAD_ERROR_GRACE = 0.5
 
 
 class Broker:
@@ -54,7 +57,9 @@ class Broker:
                                  version=m.version)
         self.supervisor = Supervisor(config, backend) if supervise else None
         self.on_ready = on_ready
+        self.started = False  # every model had its replicas ready (or failed with exit_on_error off)
         self.announced = False
+        self._fail_by: float | None = None
         self.signals: list[int] = []
         self.exit_code = 0
         self.ctx = zmq.Context()
@@ -127,6 +132,8 @@ class Broker:
                     state.heartbeat_all()
                     next_heartbeat = now + interval
                 self._flush()
+                if not self.started and self._check_start():
+                    return self._finish(forced=False)
                 self._maybe_announce()
                 stop_by = self._handle_signals(stop_by)
                 if stop_by is not None and (state.drained() or time.monotonic() >= stop_by):
@@ -146,6 +153,8 @@ class Broker:
                 candidates.append(restart)
         if stop_by is not None:
             candidates.append(now + 0.05)
+        if self._fail_by is not None:
+            candidates.append(self._fail_by)
         return max(0, int((min(candidates) - now) * 1000) + 1)
 
     def _drain_frontend(self) -> None:
@@ -220,9 +229,16 @@ class Broker:
 
     def _reap(self, slot: Slot) -> None:
         identity = slot.identity
+        never_ready, process = slot.ready_since is None, slot.process
         reason = self.supervisor.reap(slot)
         if identity in self.state.workers:
             self.state.worker_lost(identity, f"worker process {reason}")
+        elif never_ready and not self.supervisor.stopping and process.exitcode != EXIT_LOAD_FAILED:
+            # Died while loading without saying why (a crash in native code, the OOM killer): a load
+            # failure all the same. A worker that reports its loader's error overwrites this reason.
+            entry = self.state.models.get(slot.model.name.encode())
+            if entry is not None and entry.load_error is None:
+                self.state.load_failed(slot.model.name, f"worker process {reason} before it was ready")
         self._sync_starting()
 
     def _sync_starting(self) -> None:
@@ -238,11 +254,26 @@ class Broker:
                 self.supervisor.kill(identity)
             self.state.outbox_workers.append([identity, *encode_disconnect()])
 
+    def _check_start(self) -> bool:
+        """Until every model is up: True when a model failed to load and exit_on_error says stop."""
+        models = self.state.models.values()
+        failed = [e for e in models if e.load_error and e.ready == 0]
+        if failed and self.config.exit_on_error:
+            now = time.monotonic()
+            if self._fail_by is None:
+                self._fail_by = now + _LOAD_ERROR_GRACE
+            if now < self._fail_by:
+                return False
+            for entry in failed:
+                log.error("model=%s failed to load at start: %s; stopping the pool (set exit_on_error = false "
+                          "in [pool] to serve the other models anyway)", entry.name.decode(), entry.load_error)
+            self.exit_code = EXIT_LOAD_FAILED  # the launcher exits as its failed worker did
+            return True
+        self.started = all(e.ready >= e.expected or e.load_error for e in models)
+        return False
+
     def _maybe_announce(self) -> None:
-        if self.announced or self.on_ready is None:
-            return
-        done = all(e.ready >= e.expected or e.load_error for e in self.state.models.values())
-        if done:
+        if self.started and not self.announced and self.on_ready is not None:
             self.announced = True
             self.on_ready(self)
 

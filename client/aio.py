@@ -27,16 +27,21 @@ from client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    READY_POLL,
+    ModelSchema,
     RequestBuilder,
+    SchemaCache,
     attempt_timeout,
     check_settings,
-    decode_outputs,
     header_or_raise,
     inherit,
+    not_ready_error,
     open_dealer,
-    single_output,
+    pick_outputs,
+    readiness,
     timeout_error,
     track_forks,
+    wanted_outputs,
 )
 from client.errors import PoolError, ProtocolError, RequestTimeout
 
@@ -84,6 +89,7 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self._builder = RequestBuilder(max_message_bytes)
+        self._schemas = SchemaCache()
         self._closed = False
         self._late = 0  # replies dropped because nobody waits for them any more
         self._start_fresh()
@@ -205,16 +211,27 @@ class AsyncClient:
         wait = self.timeout if timeout is None else timeout
         return wait, attempt_timeout(wait, self.retries + 1)
 
-    async def infer(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None, *,
-                    timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
-        """Run a model on named inputs; returns the named outputs (layer names allowed in ``outputs``)."""
-        wait, attempt = self._wait(timeout)
-        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
-        return decode_outputs(await self._roundtrip(rid, frames, wait))
+    async def _schema(self, model: str, timeout: float) -> ModelSchema:
+        """The model's input names and dtypes, fetched once (one metadata round trip) and cached."""
+        schema = self._schemas.get(model)
+        return schema if schema is not None else self._schemas.put(model, await self.metadata(model, timeout=timeout))
 
-    async def predict(self, model: str, x: Any, *, timeout: float | None = None) -> np.ndarray:
-        """Run a single-input, single-output model on a batch ``x`` (first axis = rows)."""
-        return single_output(await self.infer(model, {"": x}, timeout=timeout), model)
+    async def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
+                    timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
+        """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
+
+        ``outputs`` may name intermediate layers; inputs are converted as ``Client.infer`` does.
+        """
+        wait, attempt = self._wait(timeout)
+        inputs = (await self._schema(model, wait)).conform(inputs)
+        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
+        return self._schemas.outputs(model, await self._roundtrip(rid, frames, wait))
+
+    async def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Run a one-input model on a batch ``x``; ``outputs`` as in ``Client.predict``."""
+        results = await self.infer(model, x, wanted_outputs(outputs), timeout=timeout)
+        return pick_outputs(results, model, outputs)
 
     async def predict_many(self, model: str, xs: Iterable[Any], *, window: int = 64, timeout: float | None = None,
                            return_exceptions: bool = False) -> list:
@@ -256,6 +273,27 @@ class AsyncClient:
         """8/MMI service lookup: is a model of that name served?"""
         rid, frames = self._builder.request(protocol.MMI_SERVICE.decode(), {"name": model})
         return (await self._roundtrip(rid, frames, timeout)).status == protocol.OK
+
+    async def wait_ready(self, models: Sequence[str] | None = None, *, all_replicas: bool = True,
+                         timeout: float = 120.0) -> list[dict]:
+        """Wait until the models have their replicas ready; as ``Client.wait_ready``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        missing: list[str] = []
+        last: Exception | None = None
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise not_ready_error(self.endpoint, timeout, missing, last)
+            try:
+                served = await self.models(timeout=min(left, 2.0))
+            except RequestTimeout as exc:  # not answering yet: the pool may still be starting
+                last = exc
+                continue
+            missing = readiness(served, models, all_replicas)
+            if not missing:
+                return served
+            await asyncio.sleep(min(READY_POLL, max(0.0, deadline - loop.time())))
 
     # --- lifetime ------------------------------------------------------------------------
 

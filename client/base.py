@@ -12,7 +12,7 @@ import numpy as np
 import zmq
 
 from client import protocol
-from client.errors import InvalidInput, PoolError, RequestTimeout
+from client.errors import InvalidInput, ModelNotFound, PoolError, ProtocolError, RequestTimeout, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,98 @@ class RequestBuilder:
         return rid, protocol.encode_request(model, rid, header, tensors)
 
 
+# --- inputs as users pass them --------------------------------------------------------------
+
+# Integers a float type holds exactly: past 2**mantissa bits a cast would change the value.
+_EXACT_INT = {2: 2**11, 4: 2**24, 8: 2**53}
+
+
+class ModelSchema:
+    """A model's input names and dtypes (from its metadata): what a client needs to shape a request.
+
+    Users pass what numpy and Keras make by default (float64, int64, Python lists, one bare array
+    for a one-input model); Keras's own ``predict`` takes them. The client converts them here when
+    the cast cannot change a value, so the wire stays strict: servers never guess.
+    """
+
+    __slots__ = ("model", "names", "dtypes")
+
+    def __init__(self, model: str, metadata: dict) -> None:
+        self.model = model
+        inputs = metadata.get("inputs") if isinstance(metadata, dict) else None
+        if not isinstance(inputs, list) or not inputs:
+            raise ProtocolError(f"metadata of model '{model}' lists no inputs")
+        self.names: list[str] = []
+        self.dtypes: dict[str, np.dtype] = {}
+        for meta in inputs:
+            name, datatype, _ = protocol.check_tensor_meta({**meta, "shape": []} if isinstance(meta, dict) else meta)
+            self.names.append(name)
+            self.dtypes[name] = np.dtype(object) if datatype == "BYTES" else protocol.DATATYPES[datatype]
+
+    def conform(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Named arrays of the model's dtypes, from a dict of inputs or one array for a one-input model."""
+        if not isinstance(inputs, Mapping):
+            if len(self.names) != 1:
+                raise InvalidInput(f"model '{self.model}' has {len(self.names)} inputs ({', '.join(self.names)}); "
+                                   "pass a dict of name -> array")
+            inputs = {self.names[0]: inputs}
+        elif list(inputs) == [""] and len(self.names) == 1:
+            inputs = {self.names[0]: inputs[""]}
+        if not inputs:
+            raise InvalidInput("inputs must be a non-empty dict of name -> array")
+        out = {}
+        for name, value in inputs.items():
+            want = self.dtypes.get(name)
+            out[name] = value if want is None else self._cast(name, value, want)  # the server names unknown inputs
+        return out
+
+    def _cast(self, name: Any, value: Any, want: np.dtype) -> np.ndarray:
+        try:
+            array = np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise InvalidInput(f"input '{name}' could not be turned into an array: {exc}") from None
+        got = array.dtype
+        if got == want or want.kind == "O" or got.kind in "OSU":
+            return array
+        reason = _lossy_cast(array, want)
+        if reason:
+            raise InvalidInput(
+                f"input '{name}' of model '{self.model}' takes {protocol.datatype_of(want)}; got "
+                f"{_wire_name(got)} {list(array.shape)}, not converted because {reason}; convert it before sending")
+        return array.astype(want)
+
+
+def _wire_name(dtype: np.dtype) -> str:
+    try:
+        return protocol.datatype_of(dtype)
+    except ProtocolError:
+        return str(dtype)
+
+
+def _lossy_cast(array: np.ndarray, want: np.dtype) -> str:
+    """Why casting ``array`` to ``want`` could change a value ('' when it cannot)."""
+    got = array.dtype
+    if want.kind == "f":
+        if got.kind == "f":
+            return ""  # float64 -> float32 rounds as Keras's own predict does
+        if got.kind in "iub":
+            limit = _EXACT_INT[want.itemsize]
+            if array.size and got.kind != "b" and (array.max() > limit or array.min() < -limit):
+                return f"some integers are larger than {protocol.datatype_of(want)} holds exactly (2**{limit.bit_length() - 1})"
+            return ""
+    elif want.kind in "iu":
+        if got.kind in "iub":
+            info = np.iinfo(want)
+            if array.size and got.kind != "b" and (array.max() > info.max or array.min() < info.min):
+                return f"values run from {array.min()} to {array.max()}, outside {info.min} to {info.max}"
+            return ""
+        if got.kind == "f":
+            return "floats are not turned into integers (send whole numbers as an integer array)"
+    elif want.kind == "b":
+        return "only booleans are sent as BOOL"
+    return f"{_wire_name(got)} does not convert to {protocol.datatype_of(want)}"
+
+
 def decode_outputs(reply: protocol.Reply) -> dict[str, np.ndarray]:
     """Named output arrays of a reply, or its typed error raised."""
     error = protocol.reply_error(reply)
@@ -83,9 +175,81 @@ def header_or_raise(reply: protocol.Reply) -> dict:
 def single_output(outputs: dict[str, np.ndarray], model: str) -> np.ndarray:
     """The one output of a single-output model."""
     if len(outputs) != 1:
-        raise InvalidInput(f"model {model!r} returned {len(outputs)} outputs {list(outputs)}; use infer() for "
-                           "multi-output models")
+        raise InvalidInput(f"model '{model}' returned {len(outputs)} outputs ({', '.join(outputs)}); name the ones "
+                           "you want with outputs=[...], or use infer() for a dict of all of them")
     return next(iter(outputs.values()))
+
+
+def wanted_outputs(outputs: str | Sequence[str] | None) -> list[str] | None:
+    """``predict``'s ``outputs`` argument (one name or a list of names) as the request's list."""
+    if outputs is None:
+        return None
+    return [outputs] if isinstance(outputs, str) else list(outputs)
+
+
+def pick_outputs(results: dict[str, np.ndarray], model: str, outputs: str | Sequence[str] | None) -> Any:
+    """What ``predict`` returns: the one output, the named one, or a list in the order asked for."""
+    if outputs is None:
+        return single_output(results, model)
+    if isinstance(outputs, str):
+        return results[outputs]
+    return [results[name] for name in outputs]
+
+
+class SchemaCache:
+    """Model schemas a client has fetched, by model name; a stale one is dropped when the server says so."""
+
+    def __init__(self) -> None:
+        self._schemas: dict[str, ModelSchema] = {}
+
+    def get(self, model: str) -> ModelSchema | None:
+        return self._schemas.get(model)
+
+    def put(self, model: str, metadata: dict) -> ModelSchema:
+        schema = self._schemas[model] = ModelSchema(model, metadata)
+        return schema
+
+    def outputs(self, model: str, reply: protocol.Reply) -> dict[str, np.ndarray]:
+        """``decode_outputs``; an InvalidInput answer forgets the schema (the model may have changed)."""
+        try:
+            return decode_outputs(reply)
+        except InvalidInput:
+            self._schemas.pop(model, None)
+            raise
+
+
+# --- waiting for a pool ---------------------------------------------------------------------
+
+READY_POLL = 0.2  # seconds between mmi.models polls while waiting for replicas
+
+
+def readiness(models: list[dict], wanted: Sequence[str] | None, all_replicas: bool) -> list[str]:
+    """What keeps the wanted models from being ready, one line each ([] when they all are).
+
+    Raises ModelNotFound for a wanted model the pool does not serve, and Unavailable for one that
+    failed to load and has no replica ready: waiting longer would not help.
+    """
+    by_name = {m.get("name"): m for m in models}
+    missing = []
+    for name in (list(wanted) if wanted is not None else list(by_name)):
+        entry = by_name.get(name)
+        if entry is None:
+            served = ", ".join(sorted(str(n) for n in by_name)) or "none"
+            raise ModelNotFound(f"model '{name}' is not served here; models served: {served}")
+        ready = entry.get("replicas_ready") or 0
+        need = max(1, entry.get("replicas_expected") or 1) if all_replicas else 1
+        if ready >= need:
+            continue
+        if entry.get("load_error") and ready == 0:
+            raise Unavailable(f"model '{name}' failed to load: {entry['load_error']}")
+        missing.append(f"model '{name}': {ready}/{need} replicas ready")
+    return missing
+
+
+def not_ready_error(endpoint: str, timeout: float, missing: list[str], last: Exception | None) -> RequestTimeout:
+    """The RequestTimeout ``wait_ready`` raises."""
+    why = "; ".join(missing) if missing else f"the pool at {endpoint} did not answer ({last})"
+    return RequestTimeout(f"pool not ready within {timeout:g}s: {why}")
 
 
 # --- sockets and the Lazy Pirate budget -------------------------------------------------------

@@ -35,18 +35,24 @@ from client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    READY_POLL,
+    ModelSchema,
     RequestBuilder,
+    SchemaCache,
     attempt_timeout,
     check_settings,
-    decode_outputs,
     header_or_raise,
     inherit,
+    not_ready_error,
     open_dealer,
+    pick_outputs,
+    readiness,
     single_output,
     timeout_error,
     track_forks,
+    wanted_outputs,
 )
-from client.errors import PoolError, ProtocolError
+from client.errors import PoolError, ProtocolError, RequestTimeout
 from client.transport import REPLY_TENSORS, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -310,6 +316,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self._builder = RequestBuilder(max_message_bytes)
+        self._schemas = SchemaCache()
         self._closed = False
         self._start_fresh()
         track_forks(self)
@@ -405,16 +412,32 @@ class Client:
         wait = self.timeout if timeout is None else timeout
         return wait, attempt_timeout(wait, self.retries + 1)
 
-    def infer(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None, *,
-              timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
-        """Run a model on named inputs; returns the named outputs (layer names allowed in ``outputs``)."""
-        wait, attempt = self._wait(timeout)
-        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
-        return decode_outputs(self._roundtrip(rid, frames, wait))
+    def _schema(self, model: str, timeout: float) -> ModelSchema:
+        """The model's input names and dtypes, fetched once (one metadata round trip) and cached."""
+        schema = self._schemas.get(model)
+        return schema if schema is not None else self._schemas.put(model, self.metadata(model, timeout=timeout))
 
-    def predict(self, model: str, x: Any, *, timeout: float | None = None) -> np.ndarray:
-        """Run a single-input, single-output model on a batch ``x`` (first axis = rows)."""
-        return single_output(self.infer(model, {"": x}, timeout=timeout), model)
+    def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
+              timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
+        """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
+
+        ``outputs`` may name intermediate layers. float64/int64 arrays and lists are converted to the
+        model's dtypes when no value changes (see ``ModelSchema``); results are read-only arrays.
+        """
+        wait, attempt = self._wait(timeout)
+        inputs = self._schema(model, wait).conform(inputs)
+        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
+        return self._schemas.outputs(model, self._roundtrip(rid, frames, wait))
+
+    def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
+                timeout: float | None = None) -> Any:
+        """Run a one-input model on a batch ``x`` (first axis = rows).
+
+        Returns the model's one output; with ``outputs="layer"`` that output or layer instead, and with
+        ``outputs=[...]`` a list of arrays in that order.
+        """
+        results = self.infer(model, x, wanted_outputs(outputs), timeout=timeout)
+        return pick_outputs(results, model, outputs)
 
     def metadata(self, model: str, *, timeout: float | None = None) -> dict:
         """Inputs and outputs (names, datatypes, shapes) of a model."""
@@ -436,6 +459,31 @@ class Client:
         rid, frames = self._builder.request(protocol.MMI_SERVICE.decode(), {"name": model})
         return self._roundtrip(rid, frames, timeout).status == protocol.OK
 
+    def wait_ready(self, models: Sequence[str] | None = None, *, all_replicas: bool = True,
+                   timeout: float = 120.0) -> list[dict]:
+        """Block until the models (default: every model served) have their replicas ready.
+
+        ``all_replicas=False`` waits for one replica of each. Returns the last ``models()`` answer.
+        Raises ModelNotFound for a model the pool does not serve, Unavailable for one that failed to
+        load, and RequestTimeout when ``timeout`` passes first (or the pool never answered).
+        """
+        deadline = time.monotonic() + timeout
+        missing: list[str] = []
+        last: Exception | None = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise not_ready_error(self.endpoint, timeout, missing, last)
+            try:
+                served = self.models(timeout=min(left, 2.0))
+            except RequestTimeout as exc:  # not answering yet: the pool may still be starting
+                last = exc
+                continue
+            missing = readiness(served, models, all_replicas)
+            if not missing:
+                return served
+            time.sleep(min(READY_POLL, max(0.0, deadline - time.monotonic())))
+
     # --- pipelining ----------------------------------------------------------------------
 
     def predict_many(self, model: str, xs: Iterable[Any], *, window: int = 64, timeout: float | None = None,
@@ -448,6 +496,7 @@ class Client:
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be an integer from 1 to {MAX_WINDOW}, got {window!r}")
         wait, attempt = self._wait(timeout)
+        schema = self._schema(model, wait)
         pipe = _Pipe(self._builder, self.endpoint, self._socket, lambda sock: self._discard_socket())
         results: list = []
         items = iter(xs)
@@ -461,7 +510,7 @@ class Client:
                     break
                 results.append(None)
                 try:
-                    _, frames = self._builder.inference(model, {"": x}, None, attempt)
+                    _, frames = self._builder.inference(model, schema.conform(x), None, attempt)
                 except PoolError as exc:
                     if not return_exceptions:
                         raise
@@ -474,7 +523,7 @@ class Client:
                 try:
                     if isinstance(outcome, PoolError):
                         raise outcome
-                    results[entry.tag] = single_output(decode_outputs(outcome), model)
+                    results[entry.tag] = single_output(self._schemas.outputs(model, outcome), model)
                 except PoolError as exc:
                     if not return_exceptions:
                         raise
@@ -486,19 +535,22 @@ class Client:
         Requests are sent by a background I/O thread with its own socket, many at a time; ``timeout``
         counts from the moment a request is sent. Cancelling the Future abandons the request.
         """
-        return self._submit(model, {"": x}, None, timeout, None, lambda reply: single_output(decode_outputs(reply), model))
+        return self._submit(model, x, None, timeout, None,
+                            lambda reply: single_output(self._schemas.outputs(model, reply), model))
 
-    def submit_infer(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None, *,
+    def submit_infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
                      timeout: float | None = None, parameters: dict | None = None) -> Future:
         """``infer`` without waiting: a Future of the dict of named outputs (see ``submit``)."""
-        return self._submit(model, inputs, outputs, timeout, parameters, decode_outputs)
+        return self._submit(model, inputs, outputs, timeout, parameters,
+                            lambda reply: self._schemas.outputs(model, reply))
 
-    def _submit(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
+    def _submit(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None,
                 timeout: float | None, parameters: dict | None, decode: Callable[[protocol.Reply], Any]) -> Future:
         future: Future = Future()
         wait, attempt = self._wait(timeout)
         try:
-            _, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
+            _, frames = self._builder.inference(model, self._schema(model, wait).conform(inputs), outputs, attempt,
+                                                parameters)
         except PoolError as exc:
             future.set_exception(exc)
             return future

@@ -19,6 +19,7 @@ log = logging.getLogger("modelpool")
 EXIT_OK = 0
 EXIT_POOL_ERROR = 1  # the pool answered with an error, or did not answer
 EXIT_USAGE = 2  # bad arguments or an unreadable input file (argparse exits 2 as well)
+EXIT_LOAD_FAILED = 3  # serve: a model failed to load at start (see pool.exit_on_error)
 
 
 def demo_config(frontend: str | None) -> PoolConfig:
@@ -75,9 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     broker.install_signal_handlers()
     try:
-        return broker.run()
+        code = broker.run()
     finally:
         broker.close()
+    if code == EXIT_LOAD_FAILED:
+        for entry in broker.state.models.values():
+            if entry.load_error and entry.ready == 0:
+                _fail(f"model '{entry.name.decode()}' failed to load: {entry.load_error}", code)
+        _fail("stopped: a model failed to load at start (set exit_on_error = false in [pool] to serve the "
+              "other models anyway)", code)
+    return code
 
 
 class InputFileError(Exception):
@@ -147,7 +155,7 @@ def format_status(models: list[dict], endpoint: str = "") -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the models a running pool serves, their replicas, queues and counters."""
     with Client(args.endpoint, timeout=args.timeout) as client:
-        models = client.models()
+        models = client.wait_ready(timeout=args.timeout) if args.wait else client.models()
     if args.json:
         print(json.dumps({"endpoint": args.endpoint, "models": models}, indent=2, sort_keys=True))
     else:
@@ -267,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="example:\n  modelpool status --endpoint tcp://127.0.0.1:5555\n\n" + EXIT_CODES)
     _add_client_options(status, timeout=5.0)
     status.add_argument("--json", action="store_true", help="print the raw mmi.models answer as JSON")
+    status.add_argument("--wait", action="store_true",
+                        help="first wait (up to --timeout) until every model has all its replicas ready; "
+                        "exit 1 if they are not, or if a model failed to load")
     status.set_defaults(func=cmd_status)
 
     predict = sub.add_parser("predict", help="send one request from the shell", formatter_class=fmt,

@@ -335,6 +335,9 @@ def test_client_in_multiprocessing_fork_pool(pool, models):
 class FakeBroker:
     """A ROUTER that swallows the requests numbered in ``drop`` and answers the others with their input."""
 
+    METADATA = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}]}
+
     def __init__(self, endpoint: str, drop: set[int]) -> None:
         self.drop = drop
         self.seen: list[tuple[bytes, bytes]] = []  # (client identity, request-id) in arrival order
@@ -352,6 +355,10 @@ class FakeBroker:
                 continue
             identity, *frames = self.sock.recv_multipart()
             request = protocol.parse_request(frames)
+            if request.header.get("op") == "metadata":  # the clients ask once per model, to convert inputs
+                self.sock.send_multipart([identity, b"", *protocol.encode_reply(
+                    request.model, request.rid, protocol.OK, self.METADATA)])
+                continue
             self.seen.append((identity, request.rid))
             if len(self.seen) in self.drop:
                 continue
@@ -482,3 +489,85 @@ def test_cli_status_and_predict_against_the_pool(pool, models, tmp_path, capsys)
     assert cli.main(["predict", "nope", "--input", str(tmp_path / "x.npy"), "--endpoint", pool.endpoint]) == 1
     err = capsys.readouterr().err
     assert err.startswith("modelpool: ModelNotFound: ") and err.count("\n") == 1
+
+
+# --- inputs as users pass them, and waiting for a pool ---------------------------------------------
+
+
+def test_numpy_defaults_lists_and_bare_arrays_answer_as_keras_does(pool, models):
+    """float64 and Python lists are what users have; Keras's own predict takes them, so the client does too."""
+    x64 = np.random.default_rng(23).normal(size=(3, 8))  # float64
+    want = _expected(models.keras["a"], x64.astype("float32"))
+    np.testing.assert_allclose(pool.client.predict("a", x64), want, **TOL)
+    np.testing.assert_allclose(pool.client.predict("a", x64.tolist()), want, **TOL)
+    out = pool.client.infer("a", x64)  # one array for a one-input model
+    assert list(out) == ["y"]
+    np.testing.assert_allclose(out["y"], want, **TOL)
+    np.testing.assert_allclose(pool.client.submit("a", x64).result(30), want, **TOL)
+    got = pool.client.predict_many("a", [row[None].tolist() for row in x64])
+    np.testing.assert_allclose(np.concatenate(got), want, **TOL)
+
+    a, b = np.random.default_rng(24).normal(size=(2, 4)), np.random.default_rng(25).normal(size=(2, 3))
+    multi = pool.client.infer("multi", {"in_a": a, "in_b": b.tolist()})
+    want_sum, _ = models.keras["multi"]([a.astype("float32"), b.astype("float32")], training=False)
+    np.testing.assert_allclose(multi["out_sum"], want_sum, **TOL)
+    with pytest.raises(InvalidInput, match="model 'multi' has 2 inputs \\(in_a, in_b\\); pass a dict"):
+        pool.client.infer("multi", a)
+
+
+def test_predict_returns_named_outputs_and_intermediate_layers(pool, models):
+    import keras
+
+    x = np.random.default_rng(26).normal(size=(2, 8)).astype("float32")
+    model = models.keras["a"]
+    hidden = np.asarray(keras.Model(model.input, model.get_layer("hidden").output)(x))
+    np.testing.assert_allclose(pool.client.predict("a", x, outputs="hidden"), hidden, **TOL)
+    got_hidden, got_y = pool.client.predict("a", x, outputs=["hidden", "y"])
+    np.testing.assert_allclose(got_hidden, hidden, **TOL)
+    np.testing.assert_allclose(got_y, _expected(model, x), **TOL)
+
+    async def run():
+        async with AsyncClient(pool.endpoint, timeout=30) as client:
+            first = await client.predict("a", x.astype("float64"), outputs="hidden")
+            both = await client.predict("a", x.tolist(), outputs=["y", "hidden"])
+            served = await client.wait_ready(["a", "b"])
+            return first, both, served
+
+    first, (y, h), served = asyncio.run(run())
+    np.testing.assert_allclose(first, hidden, **TOL)
+    np.testing.assert_allclose(h, hidden, **TOL)
+    np.testing.assert_allclose(y, _expected(model, x), **TOL)
+    assert {m["name"] for m in served} >= {"a", "b"}
+
+
+def test_wait_ready_and_status_wait_for_a_starting_pool(models, capsys):
+    p = Pool([{"name": "a", "path": str(models.a)}], wait_ready=False)
+    try:
+        code = cli.main(["status", "--wait", "--timeout", "120", "--endpoint", p.endpoint])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        row = next(line.split() for line in out.splitlines() if line.startswith("a "))
+        assert row[2] == "1/1"
+        with Client(p.endpoint, timeout=5) as client:
+            assert client.wait_ready(["a"], timeout=5)[0]["replicas_ready"] == 1
+            with pytest.raises(ModelNotFound, match="model 'nope' is not served here; models served: a"):
+                client.wait_ready(["nope"], timeout=5)
+    finally:
+        assert p.stop() == 0, p.read_log()
+    with Client(p.endpoint, timeout=0.3) as client:  # nobody there any more
+        with pytest.raises(RequestTimeout, match="pool not ready within 1s"):
+            client.wait_ready(timeout=1.0)
+
+
+def test_a_model_that_cannot_load_at_start_stops_the_launcher_with_its_error(models):
+    p = Pool([{"name": "a", "path": str(models.a)}, {"name": "broken", "path": str(models.broken)}],
+             wait_ready=False)
+    try:
+        code = p.proc.wait(120)
+    finally:
+        p.stop()
+    log = p.read_log()
+    assert code == 3, log
+    assert "model 'broken' failed to load: " in log and "broken.keras" in log
+    assert "set exit_on_error = false in [pool] to serve the other models anyway" in log
+    assert "modelpool listening" not in log  # never announced as ready

@@ -33,7 +33,7 @@ def fpool(models):
         {"name": "sleepy", "path": str(models.sleepy), "max_batch_size": 1, "max_queue": 4,
          "imports": ["custom_layers"]},
         {"name": "broken", "path": str(models.broken)},
-    ], hang_timeout=4.0, restart_backoff_max=2.0, max_message_bytes=1 << 20, wait_ready=False)
+    ], hang_timeout=4.0, restart_backoff_max=2.0, max_message_bytes=1 << 20, exit_on_error=False, wait_ready=False)
     p.expected = {"a": 2, "poison": 2, "sleepy": 1}
     p.wait_ready()
     yield p

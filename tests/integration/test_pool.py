@@ -106,11 +106,21 @@ def _ok(pool):
     assert pool.client.predict("a", x).shape == (1, 4)
 
 
-def test_wrong_dtype_names_expected_and_received(pool):
-    with pytest.raises(InvalidInput) as info:
-        pool.client.predict("a", np.ones((2, 8), "float64"))
-    assert "expected FP32" in str(info.value) and "got FP64 [2, 8]" in str(info.value)
-    assert info.value.status == b"400"
+def test_wrong_dtype_on_the_wire_names_expected_and_received(pool):
+    """The client converts numpy's float64 default; the wire itself stays strict (servers never guess)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(pool.endpoint)
+    try:
+        metas, frames = protocol.encode_tensors({"x": np.ones((2, 8), "float64")})
+        sock.send_multipart(protocol.encode_request("a", b"r1", {"inputs": metas}, frames))
+        assert sock.poll(20_000)
+        reply = protocol.parse_reply(sock.recv_multipart())
+    finally:
+        sock.close(linger=0)
+    assert reply.status == b"400"
+    message = reply.header["error"]["message"]
+    assert "expected FP32" in message and "got FP64 [2, 8]" in message
     _ok(pool)
 
 
