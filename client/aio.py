@@ -173,10 +173,9 @@ class AsyncClient:
 
     # --- round trips ---------------------------------------------------------------------
 
-    async def _roundtrip(self, rid: bytes, frames: list, timeout: float | None, *,
-                         idempotent: bool = True) -> protocol.Reply:
+    async def _roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
         wait = self.timeout if timeout is None else timeout
-        tries = self.retries + 1 if idempotent else 1
+        tries = self.retries + 1
         attempt = attempt_timeout(wait, tries)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -198,9 +197,8 @@ class AsyncClient:
                 if timed_out >= tries or loop.time() >= deadline:
                     raise timeout_error(wait, self.endpoint, sent) from None
             except _Resend:
-                if not idempotent or loop.time() >= deadline:
-                    raise RequestTimeout(f"the request to {self.endpoint} was lost when the client replaced its "
-                                         "socket, and is not safe to send again") from None
+                if loop.time() >= deadline:
+                    raise timeout_error(wait, self.endpoint, sent) from None
             finally:
                 if self._pending.get(rid) is future:
                     del self._pending[rid]
@@ -217,14 +215,14 @@ class AsyncClient:
         return schema if schema is not None else self._schemas.put(model, await self.metadata(model, timeout=timeout))
 
     async def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
-                    timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
 
         ``outputs`` may name intermediate layers; inputs are converted as ``Client.infer`` does.
         """
         wait, attempt = self._wait(timeout)
         inputs = (await self._schema(model, wait)).conform(inputs)
-        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
+        rid, frames = self._builder.inference(model, inputs, outputs, attempt)
         return self._schemas.outputs(model, await self._roundtrip(rid, frames, wait))
 
     async def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,

@@ -35,7 +35,7 @@ class RequestBuilder:
         return self._prefix + os.getpid().to_bytes(4, "little") + next(self._ids).to_bytes(8, "little")
 
     def inference(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
-                  timeout: float | None, parameters: dict | None = None) -> tuple[bytes, list]:
+                  timeout: float | None) -> tuple[bytes, list]:
         """(request-id, frames) of an inference request."""
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty dict of name -> array")
@@ -54,8 +54,6 @@ class RequestBuilder:
             header["outputs"] = [{"name": name} for name in outputs]
         if timeout is not None:
             header["timeout_ms"] = max(1, math.ceil(timeout * 1000))
-        if parameters:
-            header["parameters"] = parameters
         return self.request(model, header, tensors)
 
     def request(self, model: str, header: dict, tensors: Sequence[Any] = ()) -> tuple[bytes, list]:

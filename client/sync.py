@@ -372,10 +372,9 @@ class Client:
 
     # --- round trips ---------------------------------------------------------------------
 
-    def _roundtrip(self, rid: bytes, frames: list, timeout: float | None, *,
-                   idempotent: bool = True) -> protocol.Reply:
+    def _roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
         wait = self.timeout if timeout is None else timeout
-        tries = self.retries + 1 if idempotent else 1
+        tries = self.retries + 1
         attempt = attempt_timeout(wait, tries)
         deadline = time.monotonic() + wait
         for n in range(tries):
@@ -418,7 +417,7 @@ class Client:
         return schema if schema is not None else self._schemas.put(model, self.metadata(model, timeout=timeout))
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
-              timeout: float | None = None, parameters: dict | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
 
         ``outputs`` may name intermediate layers. float64/int64 arrays and lists are converted to the
@@ -426,7 +425,7 @@ class Client:
         """
         wait, attempt = self._wait(timeout)
         inputs = self._schema(model, wait).conform(inputs)
-        rid, frames = self._builder.inference(model, inputs, outputs, attempt, parameters)
+        rid, frames = self._builder.inference(model, inputs, outputs, attempt)
         return self._schemas.outputs(model, self._roundtrip(rid, frames, wait))
 
     def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
@@ -535,22 +534,21 @@ class Client:
         Requests are sent by a background I/O thread with its own socket, many at a time; ``timeout``
         counts from the moment a request is sent. Cancelling the Future abandons the request.
         """
-        return self._submit(model, x, None, timeout, None,
+        return self._submit(model, x, None, timeout,
                             lambda reply: single_output(self._schemas.outputs(model, reply), model))
 
     def submit_infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
-                     timeout: float | None = None, parameters: dict | None = None) -> Future:
+                     timeout: float | None = None) -> Future:
         """``infer`` without waiting: a Future of the dict of named outputs (see ``submit``)."""
-        return self._submit(model, inputs, outputs, timeout, parameters,
+        return self._submit(model, inputs, outputs, timeout,
                             lambda reply: self._schemas.outputs(model, reply))
 
     def _submit(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None,
-                timeout: float | None, parameters: dict | None, decode: Callable[[protocol.Reply], Any]) -> Future:
+                timeout: float | None, decode: Callable[[protocol.Reply], Any]) -> Future:
         future: Future = Future()
         wait, attempt = self._wait(timeout)
         try:
-            _, frames = self._builder.inference(model, self._schema(model, wait).conform(inputs), outputs, attempt,
-                                                parameters)
+            _, frames = self._builder.inference(model, self._schema(model, wait).conform(inputs), outputs, attempt)
         except PoolError as exc:
             future.set_exception(exc)
             return future
