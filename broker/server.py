@@ -19,7 +19,7 @@ import zmq
 from broker.config import PoolConfig
 from broker.state import PoolState
 from broker.supervisor import Slot, Supervisor
-from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests
+from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests, quote
 from client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class Broker:
         lost = self.state.lost_workers
         while lost:
             identity, reason = lost.pop()
-            log.warning("worker=%r declared dead: %s", identity, reason)
+            log.warning("worker=%s declared dead: %s", quote(identity), reason)
             if self.supervisor is not None:
                 self.supervisor.kill(identity)
             self.state.outbox_workers.append([identity, *encode_disconnect()])

@@ -27,7 +27,7 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from client.protocol import CLIENT
+from client.protocol import CLIENT, describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Worker:
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
         if new not in _MOVES[self.state]:
-            raise IllegalTransition(f"worker {self.identity!r}: {self.state.value} -> {new.value}")
+            raise IllegalTransition(f"worker {quote(self.identity)}: {self.state.value} -> {new.value}")
         self.state = new
 
     @property
@@ -201,16 +201,34 @@ class PoolState:
         entry = self.models.get(model.encode())
         if entry is None:
             return
-        log.error("model=%s failed to load: %s", model, reason)
+        log.error("model=%s failed to load: %s", quote(model), quote(reason, 500))
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
-            self._fail_queue(entry, Unavailable(f"model {entry.name.decode()!r} failed to load: {reason}"))
+            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} failed to load: {reason}"))
 
     # --- client side ---------------------------------------------------------------------
 
     def client_message(self, client: bytes, frames: Sequence[Any]) -> None:
-        """A message from a client (identity stripped); malformed ones are logged and dropped."""
+        """A message from a client (identity stripped); malformed ones are answered 400 or dropped.
+
+        No exception escapes: one message must never stop the broker's loop.
+        """
+        try:
+            self._client_message(client, frames)
+        except Exception:
+            log.exception("internal error on a client message client=%s", client.hex()[:64])
+            self._answer_unhandled(client, frames)
+
+    def _answer_unhandled(self, client: bytes, frames: Sequence[Any]) -> None:
+        try:
+            model, rid = protocol.frame_bytes(frames[2]), protocol.frame_bytes(frames[3])
+        except Exception:
+            return
+        if 0 < len(rid) <= protocol.MAX_ID_BYTES and len(model) <= protocol.MAX_ID_BYTES:
+            self._reply_error(client, model, rid, InvalidInput("the broker could not handle this request"))
+
+    def _client_message(self, client: bytes, frames: Sequence[Any]) -> None:
         try:
             request = protocol.parse_request(frames)
         except PoolError as exc:
@@ -220,7 +238,7 @@ class PoolState:
         if model.startswith(protocol.MMI_PREFIX):
             handler = self._mmi.get(model)
             if handler is None:
-                self._reply_error(client, model, rid, NotSupported(f"unknown management service {model.decode(errors='replace')!r}"))
+                self._reply_error(client, model, rid, NotSupported(f"unknown management service {quote(model)}"))
             else:
                 handler(client, rid, header)
             return
@@ -228,7 +246,7 @@ class PoolState:
         if entry is None:
             served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
             self._reply_error(client, model, rid, ModelNotFound(
-                f"model {model.decode(errors='replace')!r} is not served here; models served: {served}"))
+                f"model {quote(model)} is not served here; models served: {served}"))
             return
         if header.get("op") == "metadata" and entry.metadata is not None:
             self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
@@ -249,21 +267,21 @@ class PoolState:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
 
     def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
-        name = entry.name.decode(errors="replace")
+        name = quote(entry.name)
         timeout_ms = header.get("timeout_ms")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
                                        or not math.isfinite(timeout_ms) or timeout_ms < 0):
             # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
-            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {timeout_ms!r}")
+            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {describe(timeout_ms)}")
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")
         if entry.ready == 0:
             if entry.load_error is not None:
-                return Unavailable(f"model {name!r} failed to load: {entry.load_error}")
+                return Unavailable(f"model {name} failed to load: {entry.load_error}")
             if entry.starting == 0 and entry.expected == 0:
-                return Unavailable(f"model {name!r} has no live worker")
+                return Unavailable(f"model {name} has no live worker")
         if entry.queued >= entry.max_queue:
-            return Overloaded(f"model {name!r} queue is full ({entry.max_queue} requests waiting); retry later")
+            return Overloaded(f"model {name} queue is full ({entry.max_queue} requests waiting); retry later")
         return None
 
     def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
@@ -277,7 +295,7 @@ class PoolState:
         if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
             log.warning("dropped malformed client message client=%s: %s", client.hex(), exc)
             return
-        log.warning("malformed request client=%s model=%r: %s", client.hex(), model[:64], exc)
+        log.warning("malformed request client=%s model=%s: %s", client.hex(), quote(model), exc)
         self._reply_error(client, model, rid, exc)
 
     def _reply_error(self, client: bytes, model: bytes, rid: bytes, error: PoolError) -> None:
@@ -286,12 +304,15 @@ class PoolState:
     # --- management (mmi.*) --------------------------------------------------------------
 
     def _mmi_service(self, client: bytes, rid: bytes, header: dict) -> None:
-        name = str(header.get("name", "")).encode()
-        if name in self.models:
+        name = header.get("name", "")
+        if not isinstance(name, str):
+            self._reply_error(client, protocol.MMI_SERVICE, rid, InvalidInput(
+                f"mmi.service: name must be a string, got {protocol.wire_type(name)}"))
+        elif name.encode() in self.models:
             self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, protocol.OK,
-                                        protocol.packb({"name": name.decode()})])
+                                        protocol.packb({"name": name})])
         else:
-            self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {name.decode()!r} is not served here"))
+            self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {quote(name)} is not served here"))
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
         body = {"models": [entry.summary() for entry in self.models.values()]}
@@ -309,11 +330,20 @@ class PoolState:
     # --- worker side ---------------------------------------------------------------------
 
     def worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
-        """A message from a worker (ROUTER identity stripped); malformed ones are logged and dropped."""
+        """A message from a worker (ROUTER identity stripped); malformed ones are logged and dropped.
+
+        No exception escapes: one message must never stop the broker's loop.
+        """
+        try:
+            self._worker_message(identity, frames)
+        except Exception:
+            log.exception("internal error on a worker message worker=%s", quote(identity))
+
+    def _worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
         try:
             message = protocol.parse_worker_message(frames)
         except PoolError as exc:
-            log.warning("dropped malformed worker message worker=%r: %s", identity, exc)
+            log.warning("dropped malformed worker message worker=%s: %s", quote(identity), exc)
             return
         command, fields = message
         worker = self.workers.get(identity)
@@ -322,7 +352,7 @@ class PoolState:
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
         if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
             if worker is None:
-                log.warning("reply from unknown worker=%r dropped", identity)
+                log.warning("reply from unknown worker=%s dropped", quote(identity))
             else:
                 for client, rid, status, body in protocol.message_groups(message):
                     self._worker_reply(worker, client, rid, status, body)
@@ -339,20 +369,21 @@ class PoolState:
             info = fields[0] if fields else {}
             self._worker_disconnect(identity, worker, info)
         else:
-            log.warning("worker=%r sent %s, which only the broker sends; dropped", identity, command.name)
+            log.warning("worker=%s sent %s, which only the broker sends; dropped", quote(identity), command.name)
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
         if worker is not None:
-            log.warning("worker=%r sent READY twice; treating it as a new registration", identity)
+            log.warning("worker=%s sent READY twice; treating it as a new registration", quote(identity))
             self.worker_lost(identity, "re-registered")
         entry = self.models.get(model)
         if entry is None:
             entry = self.models[model] = ModelEntry(model, self.default_max_queue)
         capacity = info.get("capacity", 1)
+        version = info.get("version", "")
         worker = Worker(
             identity=identity,
             model=model,
-            version=str(info.get("version", "")),
+            version=version[:128] if isinstance(version, str) else "",
             capacity=max(1, capacity if isinstance(capacity, int) else 1),
             pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
             expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
@@ -367,13 +398,13 @@ class PoolState:
         if worker.version and not entry.version:
             entry.version = worker.version
         log.info("worker ready model=%s worker=%s pid=%s capacity=%d",
-                 model.decode(errors="replace"), identity.decode(errors="replace"), worker.pid, worker.capacity)
+                 quote(model), quote(identity), worker.pid, worker.capacity)
         self._dispatch(entry)
 
     def _worker_reply(self, worker: Worker, client: bytes, rid: bytes, status: bytes, body: Sequence[Any]) -> None:
         pending = worker.inflight.pop((client, rid), None)
         if pending is None:
-            log.warning("reply for unknown request worker=%r rid=%r dropped", worker.identity, rid[:32])
+            log.warning("reply for unknown request worker=%s rid=%s dropped", quote(worker.identity), quote(rid, 32))
             return
         # The deadline heap keeps this Pending until its deadline passes: let go of the tensors now.
         pending.where, pending.body = DONE, []
@@ -386,8 +417,8 @@ class PoolState:
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
         error = info.get("error") if isinstance(info, dict) else None
-        if error and isinstance(info.get("model"), str):
-            self.load_failed(info["model"], str(error))
+        if error and isinstance(error, str) and isinstance(info.get("model"), str):
+            self.load_failed(info["model"], error[:2000])
         if worker is not None:
             self.worker_lost(identity, "disconnected")
 
@@ -405,7 +436,7 @@ class PoolState:
                 entry.errors += 1
                 pending.where, pending.body = DONE, []
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
-                    f"request crashed a worker of model {entry.name.decode(errors='replace')!r} "
+                    f"request crashed a worker of model {quote(entry.name)} "
                     f"({reason}) twice; it is not retried again"))
             else:
                 pending.crashes += 1
@@ -420,10 +451,10 @@ class PoolState:
             if pending.deadline is not None:
                 heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
         if retry or worker.capacity:
-            log.warning("worker lost model=%s worker=%r pid=%s reason=%s retried=%d",
-                        entry.name.decode(errors="replace"), identity, worker.pid, reason, len(retry))
+            log.warning("worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
+                        quote(entry.name), quote(identity), worker.pid, reason, len(retry))
         if entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
-            self._fail_queue(entry, Unavailable(f"model {entry.name.decode(errors='replace')!r} has no live worker"))
+            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} has no live worker"))
         self._dispatch(entry)
         return worker
 
@@ -472,7 +503,7 @@ class PoolState:
         pending.where, pending.body = DONE, []
         entry.errors += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
-            f"deadline passed after waiting in the queue of model {entry.name.decode(errors='replace')!r}; "
+            f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
             "the request never reached the model"))
 
     def _fail_queue(self, entry: ModelEntry, error: PoolError) -> None:

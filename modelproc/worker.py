@@ -250,7 +250,7 @@ class Worker:
                 self._reply(client, rid, protocol.OK, self.metadata)
                 return 0
             if "op" in header:
-                raise InvalidInput(f"unknown op {header['op']!r}; the only op is 'metadata'")
+                raise InvalidInput(f"unknown op {protocol.describe(header['op'])}; the only op is \"metadata\"")
             tensors = protocol.decode_tensors(header.get("inputs", []), body[1:])
             inputs = self.runner.check_inputs(tensors)
             key = self.runner.check_outputs(header.get("outputs"))
@@ -296,7 +296,7 @@ class Worker:
                 for item in batch:  # find the request that fails, answer the others
                     self._run_batch([item])
                 return
-            log.warning("model=%s raised on request rid=%r: %s: %s", self.spec.model, batch[0][1][:32],
+            log.warning("model=%s raised on request rid=%s: %s: %s", self.spec.model, protocol.quote(batch[0][1], 32),
                         type(exc).__name__, exc)
             self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {type(exc).__name__}: {exc}"))
             return

@@ -132,7 +132,7 @@ def test_wrong_input_names_and_unknown_output(pool):
 def test_unknown_model_lists_models(pool):
     with pytest.raises(ModelNotFound) as info:
         pool.client.predict("nope", np.ones((1, 8), "float32"))
-    assert "'nope' is not served" in str(info.value) and "a, b, h5, multi, saved" in str(info.value)
+    assert '"nope" is not served' in str(info.value) and "a, b, h5, multi, saved" in str(info.value)
     assert info.value.status == b"404"
     _ok(pool)
 

@@ -145,7 +145,7 @@ def test_unknown_model_is_404_listing_served_models(clock):
     assert who == ALICE and rep.model == b"gpt" and rep.rid == b"r1" and rep.status == b"404"
     err = protocol.reply_error(rep)
     assert isinstance(err, ModelNotFound)
-    assert "'gpt'" in err.message and "bert, resnet" in err.message
+    assert '"gpt"' in err.message and "bert, resnet" in err.message
     assert state.outbox_workers == []
 
 
@@ -196,7 +196,7 @@ def test_mmi_service_200_for_served_model_and_404_otherwise(clock):
     rep = only_ok(state, ALICE, b"s1")
     assert rep.model == b"mmi.service" and rep.header == {"name": "resnet"}
     request(state, ALICE, "mmi.service", b"s2", {"name": "nope"})
-    assert "'nope'" in only_error(state, ALICE, b"s2", b"404", ModelNotFound)
+    assert '"nope"' in only_error(state, ALICE, b"s2", b"404", ModelNotFound)
     request(state, ALICE, "mmi.service", b"s3")
     only_error(state, ALICE, b"s3", b"404", ModelNotFound)
 
@@ -360,7 +360,7 @@ def test_503_when_no_worker_and_none_expected(clock):
     state = make_state(clock, "m")
     infer(state, ALICE, "m", b"1")
     message = only_error(state, ALICE, b"1", b"503", Unavailable)
-    assert "'m'" in message and "no live worker" in message
+    assert '"m"' in message and "no live worker" in message
     assert state.models[b"m"].queued == 0
 
 
@@ -408,7 +408,7 @@ def test_429_when_queue_is_full(clock):
     assert state.outbox_clients == []
     infer(state, BOB, "m", b"4")
     message = only_error(state, BOB, b"4", b"429", Overloaded)
-    assert "'m'" in message and "queue is full" in message and "2" in message
+    assert '"m"' in message and "queue is full" in message and "2" in message
     dispatched(state)
     reply(state, W1, ALICE, b"1")
     client_out(state)
@@ -565,7 +565,7 @@ def test_request_that_crashed_two_workers_gets_500_worker_crashed(clock):
     ready(state, W3, "m")  # a replacement is up
     state.worker_lost(second, "exited with code -11")
     message = only_error(state, ALICE, b"poison", b"500", WorkerCrashed)
-    assert "request crashed a worker" in message and "'m'" in message and "not retried" in message
+    assert "request crashed a worker" in message and '"m"' in message and "not retried" in message
     assert state.outbox_workers == []  # never sent to W3
     assert state.models[b"m"].crashed == 1
     assert state.drained()
