@@ -6,6 +6,8 @@ handlers only record the signal.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -33,6 +35,46 @@ _COALESCE = 32
 _CLIENT_TENSORS = 6  # identity "" MDPC01 model rid header | tensor...
 _WORKER_TENSORS = 9  # identity "" MDPW01 command client "" rid status header | tensor...
 _REQUEST = Command.REQUEST.value
+_MIN_HWM = 1000
+_TRIM_AFTER_MESSAGES = 20_000  # a burst this large since the last trim ...
+_TRIM_AFTER_BYTES = 64 * 1024 * 1024  # ... or this many payload bytes let go of, then give memory back
+_TRIM_INTERVAL = 1.0
+
+
+def socket_hwm(config: PoolConfig) -> int:
+    """Messages each ROUTER socket queues per peer and direction.
+
+    ZeroMQ counts messages, not bytes: this is max_queued_bytes in messages of max_message_bytes,
+    but at least 1000, so that a client pipelining many small requests has no reply dropped.
+    """
+    return max(_MIN_HWM, config.max_queued_bytes // config.max_message_bytes)
+
+
+class _Trimmer:
+    """Hands freed heap back to the OS after a flood; glibc's malloc keeps it otherwise."""
+
+    def __init__(self) -> None:
+        self.trim = None
+        name = ctypes.util.find_library("c")
+        if name and os.uname().sysname == "Linux":
+            try:
+                self.trim = ctypes.CDLL(name).malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                self.trim = None
+        self.messages = 0
+        self.high = 0
+        self.next_at = 0.0
+        self.again = False  # trim once more after the burst, for what it freed since
+
+    def note(self, messages: int, held: int, now: float) -> None:
+        self.messages += messages
+        self.high = max(self.high, held)
+        if self.trim is None or now < self.next_at:
+            return
+        if self.messages >= _TRIM_AFTER_MESSAGES or self.high - held >= _TRIM_AFTER_BYTES or self.again:
+            self.trim(0)
+            self.again = self.messages > 0 and not self.again
+            self.messages, self.high, self.next_at = 0, held, now + _TRIM_INTERVAL
 
 
 class Broker:
@@ -48,13 +90,15 @@ class Broker:
             backend = f"ipc://{self._tmpdir}/backend.ipc"
         self.backend_endpoint = backend
         self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
-                               heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout)
+                               heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout,
+                               max_held_bytes=config.max_queued_bytes)
         for m in config.models:
             self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
-                                 version=m.version)
+                                 version=m.version, max_queue_bytes=m.max_queue_bytes)
         self.supervisor = Supervisor(config, backend) if supervise else None
         self.on_ready = on_ready
         self.announced = False
+        self._trimmer = _Trimmer()
         self.signals: list[int] = []
         self.exit_code = 0
         self.ctx = zmq.Context()
@@ -67,8 +111,9 @@ class Broker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        hwm = socket_hwm(self.config)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(endpoint)
@@ -111,10 +156,11 @@ class Broker:
                     watched = self._watch(poller, watched, sup.sentinels())
                 timeout = self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
+                received = 0
                 if self.frontend in events:
-                    self._drain_frontend()
+                    received += self._drain_frontend()
                 if self.backend in events:
-                    self._drain_backend()
+                    received += self._drain_backend()
                 if wake is not None and wake in events:
                     _read_all(wake)
                 for fd in [fd for fd in watched if fd in events]:
@@ -127,6 +173,7 @@ class Broker:
                     state.heartbeat_all()
                     next_heartbeat = now + interval
                 self._flush()
+                self._trimmer.note(received, state.held_bytes, now)
                 self._maybe_announce()
                 stop_by = self._handle_signals(stop_by)
                 if stop_by is not None and (state.drained() or time.monotonic() >= stop_by):
@@ -148,25 +195,30 @@ class Broker:
             candidates.append(now + 0.05)
         return max(0, int((min(candidates) - now) * 1000) + 1)
 
-    def _drain_frontend(self) -> None:
+    def _drain_frontend(self) -> int:
         sock, handle = self.frontend, self.state.client_message
+        received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _CLIENT_TENSORS)
             except zmq.Again:
                 break
+            received = i
             handle(frames[0], frames[1:])
             if i % _COALESCE == 0:
                 self._flush()
         self._flush()
+        return received
 
-    def _drain_backend(self) -> None:
+    def _drain_backend(self) -> int:
         sock, handle, sup = self.backend, self.state.worker_message, self.supervisor
+        received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _WORKER_TENSORS)
             except zmq.Again:
                 break
+            received = i
             identity = frames[0]
             handle(identity, frames[1:])
             if sup is not None and identity in self.state.workers and sup.mark_ready(identity):
@@ -174,6 +226,7 @@ class Broker:
             if i % _COALESCE == 0:
                 self._flush()
         self._flush()
+        return received
 
     def _flush(self) -> None:
         state = self.state

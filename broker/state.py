@@ -52,14 +52,17 @@ class IllegalTransition(RuntimeError):
 
 
 QUEUED, INFLIGHT, DONE = 0, 1, 2
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
 
 
 class Pending:
     """One client request held by the broker, queued or in flight."""
 
-    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where")
+    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where", "size")
 
-    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None) -> None:
+    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None,
+                 size: int = 0) -> None:
         self.client = client
         self.rid = rid
         self.model = model
@@ -68,6 +71,7 @@ class Pending:
         self.crashes = 0
         self.flags = b""
         self.where = QUEUED
+        self.size = size  # payload bytes the broker holds for it until it is answered
 
 
 @dataclass
@@ -102,6 +106,8 @@ class ModelEntry:
 
     name: bytes
     max_queue: int
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    held_bytes: int = 0  # payload bytes of this model's requests, queued and in flight
     queue: deque = field(default_factory=deque)
     queued: int = 0
     workers: dict = field(default_factory=dict)
@@ -134,6 +140,8 @@ class ModelEntry:
             "replicas_expected": self.expected,
             "queue_depth": self.queued,
             "max_queue": self.max_queue,
+            "queue_bytes": self.held_bytes,
+            "max_queue_bytes": self.max_queue_bytes,
             "in_flight": self.in_flight,
             "served": self.served,
             "errors": self.errors,
@@ -159,8 +167,11 @@ class PoolState:
         heartbeat_liveness: int = protocol.HEARTBEAT_LIVENESS,
         hang_timeout: float = 60.0,
         default_max_queue: int = 1024,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         self.now = now
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0  # payload bytes of every request held, queued or in flight
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.hang_timeout = hang_timeout
@@ -181,12 +192,13 @@ class PoolState:
 
     # --- configuration -------------------------------------------------------------------
 
-    def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "") -> None:
+    def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
+                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
         """Declare a model served by local replicas (remote workers may add models on READY)."""
         key = name.encode()
         entry = self.models.get(key)
         if entry is None:
-            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue)
+            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue, max_queue_bytes)
         entry.expected = expected
         entry.version = version
 
@@ -251,14 +263,18 @@ class PoolState:
         if header.get("op") == "metadata" and entry.metadata is not None:
             self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
             return
-        error = self._admission_error(entry, header)
+        body = list(frames[4:])
+        size = sum(len(f) for f in body)
+        error = self._admission_error(entry, header, size)
         if error is not None:
             entry.errors += 1
             self._reply_error(client, model, rid, error)
             return
         timeout_ms = header.get("timeout_ms")
         deadline = None if timeout_ms is None else self.now() + timeout_ms / 1000.0
-        pending = Pending(client, rid, model, list(frames[4:]), deadline)
+        pending = Pending(client, rid, model, body, deadline, size)
+        entry.held_bytes += size
+        self.held_bytes += size
         entry.queue.append(pending)
         entry.queued += 1
         self._dispatch(entry)
@@ -266,7 +282,7 @@ class PoolState:
             # Only requests left waiting need a deadline watch; most are dispatched at once.
             heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
 
-    def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
+    def _admission_error(self, entry: ModelEntry, header: dict, size: int = 0) -> PoolError | None:
         name = quote(entry.name)
         timeout_ms = header.get("timeout_ms")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
@@ -282,7 +298,20 @@ class PoolState:
                 return Unavailable(f"model {name} has no live worker")
         if entry.queued >= entry.max_queue:
             return Overloaded(f"model {name} queue is full ({entry.max_queue} requests waiting); retry later")
+        if entry.held_bytes + size > entry.max_queue_bytes:
+            return Overloaded(f"model {name} holds {entry.held_bytes} bytes of requests; this one ({size} bytes) "
+                              f"would pass its max_queue_bytes ({entry.max_queue_bytes}); retry later")
+        if self.held_bytes + size > self.max_held_bytes:
+            return Unavailable(f"the broker holds {self.held_bytes} bytes of requests; this one ({size} bytes) "
+                               f"would pass max_queued_bytes ({self.max_held_bytes}); retry later")
         return None
+
+    def _done(self, entry: ModelEntry, pending: Pending) -> None:
+        """The request is answered: let go of its payload (the deadline heap may keep the object)."""
+        pending.where, pending.body = DONE, []
+        entry.held_bytes -= pending.size
+        self.held_bytes -= pending.size
+        pending.size = 0
 
     def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
         # Answer when there is enough of an envelope to address a reply; otherwise drop.
@@ -406,9 +435,8 @@ class PoolState:
         if pending is None:
             log.warning("reply for unknown request worker=%s rid=%s dropped", quote(worker.identity), quote(rid, 32))
             return
-        # The deadline heap keeps this Pending until its deadline passes: let go of the tensors now.
-        pending.where, pending.body = DONE, []
         entry = self.models[worker.model]
+        self._done(entry, pending)
         if status == protocol.OK:
             entry.served += 1
         else:
@@ -434,7 +462,7 @@ class PoolState:
             if pending.crashes >= 1:
                 entry.crashed += 1
                 entry.errors += 1
-                pending.where, pending.body = DONE, []
+                self._done(entry, pending)
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
                     f"request crashed a worker of model {quote(entry.name)} "
                     f"({reason}) twice; it is not retried again"))
@@ -489,7 +517,7 @@ class PoolState:
                 continue
             key = (pending.client, pending.rid)
             if key in best.inflight:
-                pending.where, pending.body = DONE, []
+                self._done(entry, pending)
                 entry.errors += 1
                 self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
                     "request-id is already in flight from this client; use a new id for every request"))
@@ -500,7 +528,7 @@ class PoolState:
                                         pending.client, b"", pending.rid, pending.flags, *pending.body])
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
-        pending.where, pending.body = DONE, []
+        self._done(entry, pending)
         entry.errors += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
             f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
@@ -510,7 +538,7 @@ class PoolState:
         while entry.queue:
             pending = entry.queue.popleft()
             if pending.where is QUEUED:
-                pending.where, pending.body = DONE, []
+                self._done(entry, pending)
                 entry.queued -= 1
                 entry.errors += 1
                 self._reply_error(pending.client, pending.model, pending.rid, error)

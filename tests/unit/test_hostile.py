@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client import protocol
-from client.errors import InvalidInput, ProtocolError
+from client.errors import InvalidInput, Overloaded, ProtocolError, RequestTimeout, Unavailable
 from test_state import ALICE, W1, Clock, client_out, dispatched, infer, make_state, only_error, ready, reply
 
 pytestmark = pytest.mark.timeout(30)
@@ -129,3 +129,89 @@ def test_huge_msgpack_declared_length_in_a_request_is_400(clock):
     state.client_message(ALICE, [b"", protocol.CLIENT, b"m", b"r1", header])
     only_error(state, ALICE, b"r1", b"400", ProtocolError)
     assert msgpack.version >= (1, 0, 0)
+
+
+# --- memory: bytes held by the broker are bounded -------------------------------------------------
+
+
+def _big(state, client, rid, nbytes, **header):
+    meta = [{"name": "x", "datatype": "UINT8", "shape": [nbytes]}]
+    state.client_message(client, protocol.encode_request("m", rid, {"inputs": meta, **header}, [bytes(nbytes)]))
+
+
+def test_model_queue_bytes_bound_answers_429_and_answered_requests_release_their_bytes(clock):
+    state = make_state(clock)
+    state.add_model("m", expected=1, max_queue_bytes=10_000)
+    _big(state, ALICE, b"r1", 6000)
+    _big(state, ALICE, b"r2", 6000)
+    message = only_error(state, ALICE, b"r2", b"429", Overloaded)
+    assert "max_queue_bytes (10000)" in message
+    entry = state.models[b"m"]
+    assert 6000 < entry.held_bytes < 6200 and state.held_bytes == entry.held_bytes
+    ready(state, W1, "m")
+    assert dispatched(state)[0][2] == b"r1"
+    assert entry.held_bytes > 6000  # in flight: kept for a retry
+    reply(state, W1, ALICE, b"r1")
+    client_out(state)
+    assert entry.held_bytes == 0 and state.held_bytes == 0
+    _big(state, ALICE, b"r3", 6000)
+    assert [d[2] for d in dispatched(state)] == [b"r3"]
+
+
+def test_total_bytes_bound_answers_503_and_expired_requests_release_their_bytes(clock):
+    state = make_state(clock, max_held_bytes=10_000)
+    state.add_model("m", expected=1)
+    state.add_model("n", expected=1)
+    _big(state, ALICE, b"r1", 6000, timeout_ms=100)
+    state.client_message(ALICE, protocol.encode_request(
+        "n", b"r2", {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [6000]}]}, [bytes(6000)]))
+    assert "max_queued_bytes (10000)" in only_error(state, ALICE, b"r2", b"503", Unavailable)
+    clock.advance(0.2)
+    state.tick()
+    only_error(state, ALICE, b"r1", b"504", RequestTimeout)
+    assert state.held_bytes == 0
+    summary = state.models[b"m"].summary()
+    assert summary["queue_bytes"] == 0 and summary["max_queue_bytes"] > 0
+
+
+def test_socket_hwm_is_sized_from_the_byte_bound(tmp_path):
+    from broker.config import ModelConfig, PoolConfig
+    from broker.server import socket_hwm
+
+    (tmp_path / "m.keras").write_bytes(b"")
+    model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
+    assert socket_hwm(PoolConfig(models=(model,))) == 1000  # was 100,000 messages of up to 64 MiB
+    small = PoolConfig(models=(model,), max_message_bytes=1024, max_queued_bytes=10 * 1024 * 1024)
+    assert socket_hwm(small) == 10240
+
+
+def test_queued_bytes_smaller_than_one_message_is_a_config_error(tmp_path):
+    from broker.config import ConfigError, ModelConfig, PoolConfig
+
+    (tmp_path / "m.keras").write_bytes(b"")
+    model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
+    with pytest.raises(ConfigError, match="max_queued_bytes"):
+        PoolConfig(models=(model,), max_queued_bytes=1 << 20)
+    small = ModelConfig(name="m", path=str(tmp_path / "m.keras"), max_queue_bytes=1 << 20)
+    with pytest.raises(ConfigError, match="max_queue_bytes"):
+        PoolConfig(models=(small,))
+
+
+def test_trimmer_gives_memory_back_after_a_burst_and_once_more_when_it_ends():
+    from broker.server import _Trimmer
+
+    calls = []
+    trimmer = _Trimmer()
+    trimmer.trim = calls.append
+    trimmer.note(100, 0, 0.0)
+    assert calls == []
+    trimmer.note(30_000, 0, 1.0)
+    assert calls == [0]
+    trimmer.note(50, 0, 1.5)  # rate-limited
+    trimmer.note(0, 0, 2.1)  # the burst is over: one more for what the tail freed
+    assert calls == [0, 0]
+    trimmer.note(0, 0, 5.0)
+    assert calls == [0, 0]
+    trimmer.note(0, 100 << 20, 6.0)
+    trimmer.note(0, 0, 7.0)  # 100 MiB of payload let go of
+    assert len(calls) == 3
