@@ -98,6 +98,13 @@ class PoolConfig:
                 raise ConfigError(
                     f"pool.{key} {value!r} is not a loopback address: modelpool has no CurveZMQ encryption yet, "
                     "so bind to 127.0.0.1, [::1] or ipc://, or set pool.insecure_network = true on a trusted network")
+        if self.backend.startswith("tcp://") and not self.insecure_network:
+            # Any process that reaches a tcp backend, on this host too, can register as a worker and
+            # read every request routed to it; an ipc:// path is guarded by file permissions.
+            raise ConfigError(
+                f"pool.backend {self.backend!r} is a tcp:// endpoint: with no CurveZMQ yet, anything that can "
+                "connect to it can register as a worker and receive requests; set pool.insecure_network = true "
+                "to accept that (remote workers on a trusted network), or leave backend unset for a private ipc://")
         _positive_int(self.max_message_bytes, "pool.max_message_bytes")
         _positive_int(self.max_queued_bytes, "pool.max_queued_bytes")
         if self.max_queued_bytes < self.max_message_bytes:

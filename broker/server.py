@@ -110,7 +110,9 @@ class Broker:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: with it, a new peer that presents an identity already connected takes
+        # over the replies (frontend) or requests (backend) meant for the first. Without it libzmq
+        # refuses the second connection; a worker re-registers on its existing connection instead.
         hwm = socket_hwm(self.config)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)

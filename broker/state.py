@@ -54,6 +54,7 @@ class IllegalTransition(RuntimeError):
 QUEUED, INFLIGHT, DONE = 0, 1, 2
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
+MAX_WORKER_CAPACITY = 1024  # requests in flight on one worker, whatever its READY claims
 
 
 class Pending:
@@ -194,7 +195,7 @@ class PoolState:
 
     def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
                   max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
-        """Declare a model served by local replicas (remote workers may add models on READY)."""
+        """Declare a served model; workers may register only for declared models."""
         key = name.encode()
         entry = self.models.get(key)
         if entry is None:
@@ -406,14 +407,20 @@ class PoolState:
             self.worker_lost(identity, "re-registered")
         entry = self.models.get(model)
         if entry is None:
-            entry = self.models[model] = ModelEntry(model, self.default_max_queue)
+            log.warning("refused READY for model=%s, which this pool does not serve, from worker=%s",
+                        quote(model), quote(identity))
+            self.outbox_workers.append([identity, *protocol.encode_disconnect(
+                {"error": f"model {quote(model)} is not served by this pool"})])
+            return
         capacity = info.get("capacity", 1)
+        if not isinstance(capacity, int) or isinstance(capacity, bool):
+            capacity = 1
         version = info.get("version", "")
         worker = Worker(
             identity=identity,
             model=model,
             version=version[:128] if isinstance(version, str) else "",
-            capacity=max(1, capacity if isinstance(capacity, int) else 1),
+            capacity=min(MAX_WORKER_CAPACITY, max(1, capacity)),
             pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
             expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
             last_heard=self.now(),

@@ -144,7 +144,11 @@ class Worker:
         info = {"version": self.spec.version, "capacity": self.spec.max_batch_size,
                 "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata,
                 "batched": True}
-        self._connect().send_multipart(protocol.encode_ready(self.model_b, info))
+        # Re-registration uses the same connection: the broker's ROUTER refuses a second connection
+        # with an identity it still has (no handover), and ZeroMQ reconnects this one by itself
+        # when a broker restarts.
+        sock = self.socket if self.socket is not None else self._connect()
+        sock.send_multipart(protocol.encode_ready(self.model_b, info))
         now = time.monotonic()
         self.last_sent = now
         self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
@@ -196,12 +200,10 @@ class Worker:
                 log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
                             + self.spec.heartbeat_interval * self.liveness)
             self._reregister = False
-            poller.unregister(self.socket)
             self.pending.clear()  # the broker that sent them is gone or has retried them
             self.pending_rows = 0
             self.replies.clear()
             self._ready()
-            poller.register(self.socket, zmq.POLLIN)
 
     def _drain(self) -> None:
         rows = self.pending_rows
@@ -238,6 +240,9 @@ class Worker:
             if info.get("reconnect"):
                 log.info("broker does not know this worker (it restarted?); registering again")
                 self._reregister = True
+            elif isinstance(info.get("error"), str):
+                log.error("broker refused this worker: %s", protocol.quote(info["error"], 200))
+                self.running = False
             else:
                 log.info("broker asked this worker to disconnect")
                 self.running = False

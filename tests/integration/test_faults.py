@@ -336,7 +336,7 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
     backend = f"tcp://127.0.0.1:{_free_port()}"
     frontend = f"ipc://{tmp_path}/front.ipc"
     spec = [{"name": "a", "path": str(models.a)}]
-    first = Pool(spec, backend=backend, frontend=frontend)
+    first = Pool(spec, backend=backend, frontend=frontend, insecure_network=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
     remote = subprocess.Popen(
         [sys.executable, "-m", "modelproc.worker", "--backend", backend, "--name", "a", "--path", str(models.a),
@@ -352,7 +352,7 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
         first.proc.kill()  # the broker vanishes without a goodbye
         first.stop()
         assert remote.poll() is None, "the remote worker must outlive a lost broker (it waits for it)"
-        second = Pool(spec, backend=backend, frontend=frontend)
+        second = Pool(spec, backend=backend, frontend=frontend, insecure_network=True)
         started = time.monotonic()
         wait_until(lambda: remote_ready(second), 60.0, 0.1, "remote worker registered again")
         print(f"\nremote worker re-registered {time.monotonic() - started:.2f}s after the new broker was ready")

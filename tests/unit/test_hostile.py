@@ -215,3 +215,42 @@ def test_trimmer_gives_memory_back_after_a_burst_and_once_more_when_it_ends():
     trimmer.note(0, 100 << 20, 6.0)
     trimmer.note(0, 0, 7.0)  # 100 MiB of payload let go of
     assert len(calls) == 3
+
+
+# --- a worker peer is not trusted with everything --------------------------------------------------
+
+
+def test_registrations_for_unknown_models_do_not_pile_up_or_make_health_false(clock):
+    state = make_state(clock, "m", expected=1)
+    ready(state, W1, "m")
+    for i in range(1000):
+        ready(state, b"x%d" % i, f"junk{i}")
+    assert list(state.models) == [b"m"] and list(state.workers) == [W1]
+    assert state.health()["ready"] is True
+    # a registration for a served model that then goes silent is dropped at its heartbeat expiry
+    ready(state, b"silent", "m")
+    clock.advance(4.0)
+    reply(state, W1, ALICE, b"none")  # W1 keeps talking
+    state.tick()
+    assert list(state.workers) == [W1] and state.health()["ready"] is True
+
+
+def test_advertised_capacity_is_bounded(clock):
+    from broker.state import MAX_WORKER_CAPACITY
+
+    state = make_state(clock, "m", expected=1)
+    ready(state, W1, "m", capacity=10 ** 12)
+    assert state.workers[W1].capacity == MAX_WORKER_CAPACITY
+    ready(state, W1, "m", capacity=True)
+    assert state.workers[W1].capacity == 1
+
+
+def test_a_tcp_backend_needs_the_insecure_opt_in_even_on_loopback(tmp_path):
+    from broker.config import ConfigError, ModelConfig, PoolConfig
+
+    (tmp_path / "m.keras").write_bytes(b"")
+    model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
+    with pytest.raises(ConfigError, match="backend.*insecure_network"):
+        PoolConfig(models=(model,), backend="tcp://127.0.0.1:5556")
+    assert PoolConfig(models=(model,), backend="tcp://127.0.0.1:5556", insecure_network=True).backend
+    assert PoolConfig(models=(model,), backend=f"ipc://{tmp_path}/b.ipc").backend

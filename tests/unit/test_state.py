@@ -232,13 +232,14 @@ def test_ready_registers_worker_and_dispatches_queued_requests(clock):
     assert state.models[b"m"].queued == 0 and state.models[b"m"].in_flight == 2
 
 
-def test_ready_from_unknown_model_registers_it(clock):
-    state = make_state(clock)
+def test_ready_from_unknown_model_is_refused(clock):
+    state = make_state(clock, "m")
     ready(state, W1, "remote", capacity=2, version="7")
+    assert W1 not in state.workers and b"remote" not in state.models
+    [(who, message)] = worker_out(state)
+    assert who == W1 and message.command is Command.DISCONNECT and "not served" in message.fields[0]["error"]
     request(state, ALICE, "mmi.service", b"s", {"name": "remote"})
-    only_ok(state, ALICE, b"s")
-    infer(state, ALICE, "remote", b"1")
-    assert dispatched(state) == [(W1, ALICE, b"1", b"")]
+    only_error(state, ALICE, b"s", b"404", ModelNotFound)
 
 
 def test_dispatch_prefers_most_free_capacity_and_never_exceeds_it(clock):
