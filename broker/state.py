@@ -89,6 +89,7 @@ class Worker:
     inflight: dict = field(default_factory=dict)
     last_heard: float = 0.0
     batched: bool = False  # takes REQUESTS (several requests in one message) and may send REPLIES
+    solo: bool = False  # runs a request that was in flight on a worker that died: nothing else meanwhile
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -98,7 +99,7 @@ class Worker:
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.inflight) if self.state is WorkerState.READY else 0
+        return self.capacity - len(self.inflight) if self.state is WorkerState.READY and not self.solo else 0
 
 
 @dataclass
@@ -110,7 +111,12 @@ class ModelEntry:
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     held_bytes: int = 0  # payload bytes of this model's requests, queued and in flight
     queue: deque = field(default_factory=deque)
-    queued: int = 0
+    queued: int = 0  # live requests in queue and suspects
+    # Requests that were in flight on a worker that died: each runs alone on an idle worker, so
+    # that a poison input takes no innocent request with it.
+    suspects: deque = field(default_factory=deque)
+    suspects_queued: int = 0
+    reserved: Worker | None = None  # left to drain for the next suspect; gets no new requests
     workers: dict = field(default_factory=dict)
     expected: int = 0  # local replicas the supervisor keeps alive
     starting: int = 0
@@ -403,8 +409,17 @@ class PoolState:
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
         if worker is not None:
-            log.warning("worker=%s sent READY twice; treating it as a new registration", quote(identity))
-            self.worker_lost(identity, "re-registered")
+            pid = info.get("pid") if isinstance(info.get("pid"), int) else None
+            if pid == worker.pid and model == worker.model:
+                # The same process (it lost touch with a paused broker): nothing crashed. Its
+                # in-flight requests go back to the queue as they were.
+                log.info("worker=%s pid=%s registered again; %d in-flight requests re-queued",
+                         quote(identity), pid, len(worker.inflight))
+                self.worker_lost(identity, "re-registered", crashed=False)
+            else:
+                log.warning("worker=%s sent READY as another process; treating it as a new registration",
+                            quote(identity))
+                self.worker_lost(identity, "replaced by a new registration")
         entry = self.models.get(model)
         if entry is None:
             log.warning("refused READY for model=%s, which this pool does not serve, from worker=%s",
@@ -443,6 +458,8 @@ class PoolState:
             log.warning("reply for unknown request worker=%s rid=%s dropped", quote(worker.identity), quote(rid, 32))
             return
         entry = self.models[worker.model]
+        if pending.crashes:
+            worker.solo = False
         self._done(entry, pending)
         if status == protocol.OK:
             entry.served += 1
@@ -457,41 +474,55 @@ class PoolState:
         if worker is not None:
             self.worker_lost(identity, "disconnected")
 
-    def worker_lost(self, identity: bytes, reason: str) -> Worker | None:
-        """A worker died, hung or left: retry its in-flight requests once, 500 those already retried."""
+    def worker_lost(self, identity: bytes, reason: str, *, crashed: bool = True) -> Worker | None:
+        """A worker died, hung or left: its in-flight requests are re-queued to run alone, and one that
+        was already running alone after an earlier crash is answered 500 (it is the poison).
+
+        ``crashed=False`` (the same process registered again): every request is re-queued as it was.
+        """
         worker = self.workers.get(identity)
         if worker is None:
             return None
         entry = self.models[worker.model]
         self._forget(worker)
-        retry = []
+        if entry.reserved is worker:
+            entry.reserved = None
+        normal, suspects = [], []
         for pending in worker.inflight.values():
-            if pending.crashes >= 1:
+            if not crashed:
+                (suspects if pending.crashes else normal).append(pending)
+            elif pending.crashes >= 1:
                 entry.crashed += 1
                 entry.errors += 1
                 self._done(entry, pending)
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
-                    f"request crashed a worker of model {quote(entry.name)} "
-                    f"({reason}) twice; it is not retried again"))
+                    f"request crashed a worker of model {quote(entry.name)} ({reason}) while it ran alone, "
+                    "after it was in flight on another that died; it is not retried again"))
             else:
                 pending.crashes += 1
                 pending.flags = protocol.FLAG_SOLO
                 entry.retried += 1
-                retry.append(pending)
+                suspects.append(pending)
         worker.inflight.clear()
-        for pending in reversed(retry):
-            pending.where = QUEUED
-            entry.queue.appendleft(pending)
-            entry.queued += 1
-            if pending.deadline is not None:
-                heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
-        if retry or worker.capacity:
+        for pending in reversed(normal):
+            self._requeue(entry, pending, entry.queue)
+        for pending in reversed(suspects):
+            self._requeue(entry, pending, entry.suspects)
+            entry.suspects_queued += 1
+        if crashed and (suspects or worker.capacity):
             log.warning("worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
-                        quote(entry.name), quote(identity), worker.pid, reason, len(retry))
-        if entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
+                        quote(entry.name), quote(identity), worker.pid, reason, len(suspects))
+        if crashed and entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
             self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} has no live worker"))
         self._dispatch(entry)
         return worker
+
+    def _requeue(self, entry: ModelEntry, pending: Pending, queue: deque) -> None:
+        pending.where = QUEUED
+        queue.appendleft(pending)
+        entry.queued += 1
+        if pending.deadline is not None:
+            heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
 
     def _forget(self, worker: Worker) -> None:
         if worker.state is not WorkerState.GONE:
@@ -504,10 +535,13 @@ class PoolState:
     # --- dispatch, time ------------------------------------------------------------------
 
     def _dispatch(self, entry: ModelEntry) -> None:
+        if entry.suspects:
+            self._dispatch_suspects(entry)
         queue = entry.queue
         if not queue:
             return
-        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY]
+        reserved = entry.reserved
+        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY and w is not reserved]
         if not workers:
             return
         now = self.now()
@@ -519,20 +553,51 @@ class PoolState:
             if pending.where is DONE:
                 continue
             entry.queued -= 1
-            if pending.deadline is not None and pending.deadline <= now:
-                self._expire(entry, pending)
+            self._send(entry, best, pending, now)
+
+    def _dispatch_suspects(self, entry: ModelEntry) -> None:
+        """Each suspect runs alone on an idle worker, and never on the last live one while others wait."""
+        suspects = entry.suspects
+        entry.reserved = None
+        now = self.now()
+        while suspects:
+            if suspects[0].where is DONE:
+                suspects.popleft()
                 continue
-            key = (pending.client, pending.rid)
-            if key in best.inflight:
-                self._done(entry, pending)
-                entry.errors += 1
-                self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
-                    "request-id is already in flight from this client; use a new id for every request"))
-                continue
-            pending.where = INFLIGHT
-            best.inflight[key] = pending
-            self.outbox_workers.append([best.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
-                                        pending.client, b"", pending.rid, pending.flags, *pending.body])
+            live = [w for w in entry.workers.values() if w.state is WorkerState.READY]
+            others_wait = entry.queued > entry.suspects_queued
+            single = entry.expected <= 1 and entry.starting == 0 and len(live) <= 1  # waiting brings no other
+            if len(live) < 2 and others_wait and not single:
+                return
+            idle = [w for w in live if not w.solo and not w.inflight]
+            if not idle:
+                candidates = [w for w in live if not w.solo]
+                if candidates and (len(live) >= 2 or not others_wait):
+                    entry.reserved = min(candidates, key=lambda w: len(w.inflight))  # let it drain
+                return
+            pending = suspects.popleft()
+            entry.queued -= 1
+            entry.suspects_queued -= 1
+            if self._send(entry, idle[0], pending, now):
+                idle[0].solo = True
+
+    def _send(self, entry: ModelEntry, worker: Worker, pending: Pending, now: float) -> bool:
+        """Dispatch one request taken from a queue; False if it was answered instead."""
+        if pending.deadline is not None and pending.deadline <= now:
+            self._expire(entry, pending)
+            return False
+        key = (pending.client, pending.rid)
+        if key in worker.inflight:
+            self._done(entry, pending)
+            entry.errors += 1
+            self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
+                "request-id is already in flight from this client; use a new id for every request"))
+            return False
+        pending.where = INFLIGHT
+        worker.inflight[key] = pending
+        self.outbox_workers.append([worker.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
+                                    pending.client, b"", pending.rid, pending.flags, *pending.body])
+        return True
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
         self._done(entry, pending)
@@ -542,8 +607,10 @@ class PoolState:
             "the request never reached the model"))
 
     def _fail_queue(self, entry: ModelEntry, error: PoolError) -> None:
-        while entry.queue:
-            pending = entry.queue.popleft()
+        entry.suspects_queued = 0
+        entry.reserved = None
+        while entry.queue or entry.suspects:
+            pending = (entry.queue or entry.suspects).popleft()
             if pending.where is QUEUED:
                 self._done(entry, pending)
                 entry.queued -= 1
@@ -564,6 +631,8 @@ class PoolState:
             if pending.where is QUEUED:  # left in the deque; dispatch skips it
                 entry = self.models[pending.model]
                 entry.queued -= 1
+                if pending.crashes:
+                    entry.suspects_queued -= 1
                 self._expire(entry, pending)
         for worker in list(self.workers.values()):
             silent = now - worker.last_heard

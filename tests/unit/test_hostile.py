@@ -254,3 +254,75 @@ def test_a_tcp_backend_needs_the_insecure_opt_in_even_on_loopback(tmp_path):
         PoolConfig(models=(model,), backend="tcp://127.0.0.1:5556")
     assert PoolConfig(models=(model,), backend="tcp://127.0.0.1:5556", insecure_network=True).backend
     assert PoolConfig(models=(model,), backend=f"ipc://{tmp_path}/b.ipc").backend
+
+
+# --- a broker pause is not a crash; a poison request takes no innocent one with it ----------------
+
+
+def test_re_registration_of_the_same_process_requeues_without_counting_a_crash(clock):
+    state = make_state(clock, "m", expected=1)
+    ready(state, W1, "m", capacity=2)
+    infer(state, ALICE, "m", b"1")
+    infer(state, ALICE, "m", b"2")
+    assert len(dispatched(state)) == 2
+    for _ in range(3):  # the broker was stopped 10 s: the worker registered again every 3 s
+        ready(state, W1, "m", capacity=2)
+        assert sorted(dispatched(state)) == [(W1, ALICE, b"1", b""), (W1, ALICE, b"2", b"")]
+    assert state.outbox_clients == []
+    entry = state.models[b"m"]
+    assert entry.retried == 0 and entry.crashed == 0 and entry.errors == 0
+    reply(state, W1, ALICE, b"1")
+    reply(state, W1, ALICE, b"2")
+    assert [rep.status for _, rep in client_out(state)] == [b"200", b"200"]
+
+
+def _run(state, worker, rids):
+    for client, rid in rids:
+        reply(state, worker, client, rid)
+
+
+def test_a_poison_request_is_quarantined_and_innocents_on_the_same_workers_are_answered(clock):
+    from test_state import BOB, W2
+
+    state = make_state(clock, "m", expected=2)
+    ready(state, W1, "m", capacity=4)
+    ready(state, W2, "m", capacity=4)
+    infer(state, ALICE, "m", b"poison")
+    for i in range(3):
+        infer(state, BOB, "m", b"a%d" % i)
+    first = dispatched(state)
+    on_w1 = [(c, r) for w, c, r, _ in first if w == W1]
+    on_w2 = [(c, r) for w, c, r, _ in first if w == W2]
+    assert (ALICE, b"poison") in on_w1
+    state.worker_lost(W1, "worker process killed by SIGSEGV")  # the poison crashed W1
+    assert state.outbox_clients == []
+    # W2 is the last live replica and requests wait for it: no suspect goes there
+    infer(state, BOB, "m", b"late")
+    assert dispatched(state) == [(W2, BOB, b"late", b"")]
+    _run(state, W2, on_w2 + [(BOB, b"late")])
+    assert all(rep.status == b"200" for _, rep in client_out(state))
+    ready(state, b"w1b", "m", capacity=4)  # the restarted replica
+    crashed_again = False
+    answered = {}
+    for _ in range(10):  # suspects run one at a time, each alone on an idle worker
+        sent = dispatched(state)
+        by_worker = {}
+        for w, c, r, flags in sent:
+            assert flags == b"S"
+            by_worker.setdefault(w, []).append((c, r))
+        assert all(len(v) == 1 for v in by_worker.values())
+        for w, [(c, r)] in by_worker.items():
+            if r == b"poison":
+                state.worker_lost(w, "worker process killed by SIGSEGV")
+                crashed_again = True
+            else:
+                reply(state, w, c, r)
+        for who, rep in client_out(state):
+            answered[rep.rid] = rep.status
+        if len(answered) == len(on_w1):
+            break
+    assert crashed_again
+    assert answered.pop(b"poison") == b"500"
+    assert set(answered.values()) == {b"200"}
+    entry = state.models[b"m"]
+    assert entry.crashed == 1 and state.held_bytes == 0
