@@ -288,7 +288,8 @@ class Broker:
         lost = self.state.lost_workers
         while lost:
             identity, reason = lost.pop()
-            log.warning("worker=%s declared dead: %s", quote(identity), reason)
+            self.state.limited.warning("workers declared dead", "worker=%s declared dead: %s", quote(identity),
+                                       reason, burst=50)
             if self.supervisor is not None:
                 self.supervisor.kill(identity)
             self.state.outbox_workers.append([identity, *encode_disconnect()])

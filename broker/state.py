@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from broker.logutil import LogLimiter
 from client import protocol
 from client.errors import (
     InvalidInput,
@@ -178,6 +179,7 @@ class PoolState:
     ) -> None:
         self.now = now
         self.max_held_bytes = max_held_bytes
+        self.limited = LogLimiter(log, now=now)  # for every line a peer can cause at will
         self.held_bytes = 0  # payload bytes of every request held, queued or in flight
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
@@ -220,7 +222,8 @@ class PoolState:
         entry = self.models.get(model.encode())
         if entry is None:
             return
-        log.error("model=%s failed to load: %s", quote(model), quote(reason, 500))
+        self.limited.log(logging.ERROR, f"load failures of model {model}", "model=%s failed to load: %s",
+                         quote(model), quote(reason, 500))
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
@@ -236,7 +239,8 @@ class PoolState:
         try:
             self._client_message(client, frames)
         except Exception:
-            log.exception("internal error on a client message client=%s", client.hex()[:64])
+            self.limited.log(logging.ERROR, "internal error on a client message",
+                             "internal error on a client message client=%s", client.hex()[:64], exc_info=True)
             self._answer_unhandled(client, frames)
 
     def _answer_unhandled(self, client: bytes, frames: Sequence[Any]) -> None:
@@ -326,12 +330,15 @@ class PoolState:
             model = protocol.frame_bytes(frames[2])
             rid = protocol.frame_bytes(frames[3])
         except IndexError:
-            log.warning("dropped malformed client message client=%s frames=%d: %s", client.hex(), len(frames), exc)
+            self.limited.warning("malformed client messages", "dropped malformed client message client=%s frames=%d: %s",
+                                 client.hex()[:64], len(frames), exc)
             return
         if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
-            log.warning("dropped malformed client message client=%s: %s", client.hex(), exc)
+            self.limited.warning("malformed client messages", "dropped malformed client message client=%s: %s",
+                                 client.hex()[:64], exc)
             return
-        log.warning("malformed request client=%s model=%s: %s", client.hex(), quote(model), exc)
+        self.limited.warning("malformed client messages", "malformed request client=%s model=%s: %s",
+                             client.hex()[:64], quote(model), exc)
         self._reply_error(client, model, rid, exc)
 
     def _reply_error(self, client: bytes, model: bytes, rid: bytes, error: PoolError) -> None:
@@ -373,13 +380,15 @@ class PoolState:
         try:
             self._worker_message(identity, frames)
         except Exception:
-            log.exception("internal error on a worker message worker=%s", quote(identity))
+            self.limited.log(logging.ERROR, "internal error on a worker message",
+                             "internal error on a worker message worker=%s", quote(identity), exc_info=True)
 
     def _worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
         try:
             message = protocol.parse_worker_message(frames)
         except PoolError as exc:
-            log.warning("dropped malformed worker message worker=%s: %s", quote(identity), exc)
+            self.limited.warning("malformed worker messages", "dropped malformed worker message worker=%s: %s",
+                                 quote(identity), exc)
             return
         command, fields = message
         worker = self.workers.get(identity)
@@ -388,7 +397,8 @@ class PoolState:
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
         if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
             if worker is None:
-                log.warning("reply from unknown worker=%s dropped", quote(identity))
+                self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
+                                     quote(identity))
             else:
                 for client, rid, status, body in protocol.message_groups(message):
                     self._worker_reply(worker, client, rid, status, body)
@@ -405,7 +415,8 @@ class PoolState:
             info = fields[0] if fields else {}
             self._worker_disconnect(identity, worker, info)
         else:
-            log.warning("worker=%s sent %s, which only the broker sends; dropped", quote(identity), command.name)
+            self.limited.warning("worker messages only the broker sends",
+                                 "worker=%s sent %s, which only the broker sends; dropped", quote(identity), command.name)
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
         if worker is not None:
@@ -413,17 +424,17 @@ class PoolState:
             if pid == worker.pid and model == worker.model:
                 # The same process (it lost touch with a paused broker): nothing crashed. Its
                 # in-flight requests go back to the queue as they were.
-                log.info("worker=%s pid=%s registered again; %d in-flight requests re-queued",
-                         quote(identity), pid, len(worker.inflight))
+                self.limited.info("re-registrations", "worker=%s pid=%s registered again; %d in-flight requests "
+                                  "re-queued", quote(identity), pid, len(worker.inflight), burst=50)
                 self.worker_lost(identity, "re-registered", crashed=False)
             else:
-                log.warning("worker=%s sent READY as another process; treating it as a new registration",
-                            quote(identity))
+                self.limited.warning("replaced registrations", "worker=%s sent READY as another process; "
+                                     "treating it as a new registration", quote(identity), burst=50)
                 self.worker_lost(identity, "replaced by a new registration")
         entry = self.models.get(model)
         if entry is None:
-            log.warning("refused READY for model=%s, which this pool does not serve, from worker=%s",
-                        quote(model), quote(identity))
+            self.limited.warning("registrations refused", "refused READY for model=%s, which this pool does "
+                                 "not serve, from worker=%s", quote(model), quote(identity))
             self.outbox_workers.append([identity, *protocol.encode_disconnect(
                 {"error": f"model {quote(model)} is not served by this pool"})])
             return
@@ -448,14 +459,15 @@ class PoolState:
             entry.metadata = info["metadata"]
         if worker.version and not entry.version:
             entry.version = worker.version
-        log.info("worker ready model=%s worker=%s pid=%s capacity=%d",
-                 quote(model), quote(identity), worker.pid, worker.capacity)
+        self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s capacity=%d",
+                          quote(model), quote(identity), worker.pid, worker.capacity, burst=50)
         self._dispatch(entry)
 
     def _worker_reply(self, worker: Worker, client: bytes, rid: bytes, status: bytes, body: Sequence[Any]) -> None:
         pending = worker.inflight.pop((client, rid), None)
         if pending is None:
-            log.warning("reply for unknown request worker=%s rid=%s dropped", quote(worker.identity), quote(rid, 32))
+            self.limited.warning("replies for unknown requests", "reply for unknown request worker=%s rid=%s dropped",
+                                 quote(worker.identity), quote(rid, 32))
             return
         entry = self.models[worker.model]
         if pending.crashes:
@@ -510,8 +522,8 @@ class PoolState:
             self._requeue(entry, pending, entry.suspects)
             entry.suspects_queued += 1
         if crashed and (suspects or worker.capacity):
-            log.warning("worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
-                        quote(entry.name), quote(identity), worker.pid, reason, len(suspects))
+            self.limited.warning("workers lost", "worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
+                                 quote(entry.name), quote(identity), worker.pid, reason, len(suspects), burst=50)
         if crashed and entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
             self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} has no live worker"))
         self._dispatch(entry)
@@ -620,6 +632,7 @@ class PoolState:
     def tick(self) -> None:
         """Expire queued requests past their deadline and workers past their liveness."""
         now = self.now()
+        self.limited.flush()
         heap = self._deadlines
         if len(heap) > 4096 and len(heap) > 4 * sum(e.queued for e in self.models.values()):
             # Entries of requests dispatched since are dropped lazily; compact so that memory

@@ -326,3 +326,57 @@ def test_a_poison_request_is_quarantined_and_innocents_on_the_same_workers_are_a
     assert set(answered.values()) == {b"200"}
     entry = state.models[b"m"]
     assert entry.crashed == 1 and state.held_bytes == 0
+
+
+# --- logs can be neither flooded nor forged --------------------------------------------------------
+
+
+def test_a_flood_of_malformed_messages_logs_a_few_lines_and_a_count(clock, caplog):
+    state = make_state(clock, "m", expected=1)
+    with caplog.at_level(logging.INFO, logger="broker.state"):
+        for i in range(10_000):
+            state.client_message(ALICE, [b"", protocol.CLIENT, b"m", b"r%d" % i, b"\xc1"])
+            state.worker_message(b"w%d" % i, [b"", b"junk"])
+        clock.advance(11.0)
+        state.tick()
+    client_out(state)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) <= 12, lines
+    assert "malformed client messages: 9995 more not logged in the last 10s" in lines
+    assert "malformed worker messages: 9995 more not logged in the last 10s" in lines
+
+
+def test_peer_text_in_logs_is_escaped_so_no_line_can_be_forged(clock, caplog):
+    state = make_state(clock, "m", expected=1)
+    forged = "x\n2026-01-01 00:00:00 INFO broker.state: all good"
+    with caplog.at_level(logging.INFO, logger="broker.state"):
+        ready(state, b"evil\nid", forged)
+        state.worker_message(W1, protocol.encode_disconnect({"model": "m", "error": "boom\nINFO forged"}))
+        state.client_message(ALICE, [b"", protocol.CLIENT, b"m\nINFO forged", b"r1", b"\xc1"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert all("\n" not in m and "\r" not in m for m in messages), messages
+    assert '"x\\n2026-01-01' in messages[0] and '"evil\\nid"' in messages[0]
+
+
+def test_log_limiter_allows_a_burst_per_key_then_counts():
+    from broker.logutil import LogLimiter
+
+    lines = []
+
+    class Sink:
+        def isEnabledFor(self, level):
+            return True
+
+        def log(self, level, msg, *args, exc_info=False):
+            lines.append(msg % args)
+
+    clock = Clock(0.0)
+    limiter = LogLimiter(Sink(), interval=10.0, burst=2, now=clock)
+    for i in range(5):
+        limiter.warning("a", "a %d", i)
+    limiter.warning("b", "b")
+    assert lines == ["a 0", "a 1", "b"]
+    clock.advance(10.0)
+    limiter.warning("a", "a again")
+    assert lines[3:] == ["a: 3 more not logged in the last 10s", "a again"]
