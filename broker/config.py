@@ -78,6 +78,7 @@ class PoolConfig:
     restart_backoff_max: float = 30.0
     log_level: str = "INFO"
     insecure_network: bool = False  # allow non-loopback tcp binds (no CurveZMQ yet: unencrypted)
+    mmi_detail: bool = False  # mmi.models answers {"detail": true} with worker ids and pids (operators)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -92,6 +93,8 @@ class PoolConfig:
                 raise ConfigError(f"pool.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {value!r}")
         if not isinstance(self.insecure_network, bool):
             raise ConfigError(f"pool.insecure_network must be true or false, got {self.insecure_network!r}")
+        if not isinstance(self.mmi_detail, bool):
+            raise ConfigError(f"pool.mmi_detail must be true or false, got {self.mmi_detail!r}")
         for key in ("frontend", "backend"):
             value = getattr(self, key)
             if value and not self.insecure_network and not _is_local(value):

@@ -91,7 +91,7 @@ class Broker:
         self.backend_endpoint = backend
         self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
                                heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout,
-                               max_held_bytes=config.max_queued_bytes)
+                               max_held_bytes=config.max_queued_bytes, mmi_detail=config.mmi_detail)
         for m in config.models:
             self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
                                  version=m.version, max_queue_bytes=m.max_queue_bytes)

@@ -138,7 +138,8 @@ class ModelEntry:
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
 
-    def summary(self) -> dict:
+    def summary(self, detail: bool = False) -> dict:
+        """The model's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
         return {
             "name": self.name.decode(errors="replace"),
             "version": self.version,
@@ -157,8 +158,8 @@ class ModelEntry:
             "crashed_requests": self.crashed,
             "load_error": self.load_error,
             "workers": [
-                {"id": w.identity.decode(errors="replace"), "pid": w.pid, "state": w.state.value,
-                 "capacity": w.capacity, "in_flight": len(w.inflight)}
+                {**({"id": w.identity.decode(errors="replace"), "pid": w.pid} if detail else {}),
+                 "state": w.state.value, "capacity": w.capacity, "in_flight": len(w.inflight)}
                 for w in self.workers.values()
             ],
         }
@@ -176,7 +177,9 @@ class PoolState:
         hang_timeout: float = 60.0,
         default_max_queue: int = 1024,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        mmi_detail: bool = False,
     ) -> None:
+        self.mmi_detail = mmi_detail
         self.now = now
         self.max_held_bytes = max_held_bytes
         self.limited = LogLimiter(log, now=now)  # for every line a peer can cause at will
@@ -358,7 +361,8 @@ class PoolState:
             self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {quote(name)} is not served here"))
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
-        body = {"models": [entry.summary() for entry in self.models.values()]}
+        detail = self.mmi_detail and header.get("detail") is True
+        body = {"models": [entry.summary(detail) for entry in self.models.values()]}
         self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_MODELS, rid, protocol.OK, protocol.packb(body)])
 
     def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:

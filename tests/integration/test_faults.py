@@ -345,7 +345,7 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
     second = None
     try:
         def remote_ready(pool):
-            ids = [w["id"] for m in pool.client.models(timeout=2.0) for w in m["workers"]]
+            ids = [w["id"] for m in pool.client.models(timeout=2.0, detail=True) for w in m["workers"]]
             return any("remote" in i for i in ids)
 
         wait_until(lambda: remote_ready(first), 120.0, 0.2, "remote worker registered")

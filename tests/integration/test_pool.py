@@ -33,7 +33,7 @@ def test_two_models_two_replicas_eight_threads_never_cross(pool, models):
         got = list(ex.map(call, range(len(inputs))))
     for i, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"request {i} model {names[i]}")
-    served = {m["name"]: m for m in pool.client.models()}
+    served = {m["name"]: m for m in pool.client.models(detail=True)}
     assert served["a"]["replicas_ready"] == 2 and served["b"]["replicas_ready"] == 2
     assert all(w["pid"] for w in served["a"]["workers"] + served["b"]["workers"])
 

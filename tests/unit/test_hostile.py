@@ -380,3 +380,21 @@ def test_log_limiter_allows_a_burst_per_key_then_counts():
     clock.advance(10.0)
     limiter.warning("a", "a again")
     assert lines[3:] == ["a: 3 more not logged in the last 10s", "a again"]
+
+
+# --- operational detail is for operators -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allowed, asked, shown", [(False, False, False), (False, True, False),
+                                                    (True, False, False), (True, True, True)])
+def test_mmi_models_gives_worker_ids_and_pids_only_when_the_config_allows_and_the_request_asks(
+        clock, allowed, asked, shown):
+    from test_state import BOB, request
+
+    state = make_state(clock, "m", expected=1, mmi_detail=allowed)
+    ready(state, W1, "m")
+    request(state, BOB, "mmi.models", b"q", {"detail": True} if asked else {})
+    [(_, rep)] = client_out(state)
+    [worker] = rep.header["models"][0]["workers"]
+    assert ("pid" in worker and "id" in worker) is shown
+    assert worker["state"] == "ready" and worker["capacity"] == 1

@@ -156,11 +156,11 @@ def test_unknown_model_with_no_models_says_none(clock):
 
 
 def test_mmi_models_lists_models_workers_and_queue_depths(clock):
-    state = make_state(clock, "a", "b", expected=1)
+    state = make_state(clock, "a", "b", expected=1, mmi_detail=True)
     ready(state, W1, "a", capacity=1)
     infer(state, ALICE, "a", b"1")
     infer(state, ALICE, "a", b"2")  # queued: W1 is full
-    request(state, BOB, "mmi.models", b"q")
+    request(state, BOB, "mmi.models", b"q", {"detail": True})
     rep = only_ok(state, BOB, b"q")
     assert rep.model == b"mmi.models"
     models = {m["name"]: m for m in rep.header["models"]}
