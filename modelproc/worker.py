@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,34 @@ def _die_with_parent(parent_pid: int) -> None:
             pass
     if parent_pid and os.getppid() != parent_pid:
         os._exit(1)  # the launcher died before prctl took effect
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}")
+_FRAME_LINE = re.compile(r"^(Traceback|File |Detected at node|\[\[|\^)")
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning)\b[^:]*: ")
+_SHORT_ERROR = 200
+
+
+def short_error(exc: BaseException) -> str:
+    """What a client is told about an exception: its type and a short message without tracebacks or
+    file paths; the full text (TensorFlow's embeds tracebacks) goes to the worker's log only.
+
+    TensorFlow's "Graph execution error:" is followed by the inner error (``ValueError: ...``)
+    among stack frames: that line is kept.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line[:1].isspace() and not _FRAME_LINE.match(line.strip())]
+    first = lines[0] if lines else ""
+    if first.endswith(":"):
+        inner = next((line for line in lines[1:] if _ERROR_LINE.match(line)), None)
+        if inner is not None:
+            first = f"{first} {inner}"
+    first = _PATH.sub("<path>", first)
+    if len(first) > _SHORT_ERROR:
+        first = first[:_SHORT_ERROR] + "..."
+    more = " (details in the worker log)" if len(text.strip().splitlines()) > 1 or len(text) > _SHORT_ERROR else ""
+    return f"{type(exc).__name__}: {first}{more}" if first else f"{type(exc).__name__}{more}"
 
 
 class Worker:
@@ -263,7 +292,9 @@ class Worker:
             self._reply_error(client, rid, exc)
             return 0
         except Exception as exc:  # building a sub-model for a layer can fail in Keras
-            self._reply_error(client, rid, ModelError(f"{type(exc).__name__}: {exc}"))
+            log.warning("model=%s could not prepare request rid=%s: %s: %s", self.spec.model, protocol.quote(rid, 32),
+                        type(exc).__name__, exc)
+            self._reply_error(client, rid, ModelError(short_error(exc)))
             return 0
         rows = inputs[0].shape[0]
         group = (key, tuple((x.dtype.str, x.shape[1:]) for x in inputs), flags == protocol.FLAG_SOLO and rid)
@@ -303,7 +334,7 @@ class Worker:
                 return
             log.warning("model=%s raised on request rid=%s: %s: %s", self.spec.model, protocol.quote(batch[0][1], 32),
                         type(exc).__name__, exc)
-            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {type(exc).__name__}: {exc}"))
+            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {short_error(exc)}"))
             return
         start = 0
         for client, rid, _, _, rows in batch:

@@ -398,3 +398,29 @@ def test_mmi_models_gives_worker_ids_and_pids_only_when_the_config_allows_and_th
     [worker] = rep.header["models"][0]["workers"]
     assert ("pid" in worker and "id" in worker) is shown
     assert worker["state"] == "ready" and worker["capacity"] == 1
+
+
+# --- a model's error reaches the client short, without the server's traceback ---------------------
+
+
+def test_model_error_text_for_clients_has_no_traceback_or_paths():
+    from modelproc.worker import short_error
+
+    class InvalidArgumentError(Exception):
+        pass
+
+    # as TensorFlow 2.x words a Python error raised inside tf.numpy_function
+    tf_like = InvalidArgumentError(
+        'Graph execution error:\n\nDetected at node PyFunc defined at (most recent call last):\n  File "<string>", '
+        'line 8, in <module>\n\n  File "<string>", line 7, in f\n\nValueError: this model refuses rows starting with '
+        '-555\nTraceback (most recent call last):\n\n  File "/srv/venv/lib/python3.11/site-packages/tensorflow/python/'
+        'ops/script_ops.py", line 269, in __call__\n    ret = func(*args)\n          ^^^^^^^^^^^\n\n  File "<string>", '
+        'line 5, in chk\n\nValueError: this model refuses rows starting with -555\n\n\n\t [[{{node PyFunc}}]] '
+        '[Op:__inference_f_8]')
+    text = short_error(tf_like)
+    assert text == ("InvalidArgumentError: Graph execution error: ValueError: this model refuses rows starting "
+                    "with -555 (details in the worker log)")
+    assert short_error(ValueError("cannot read /home/me/models/x.keras: bad zip")) == \
+        "ValueError: cannot read <path>: bad zip"
+    assert short_error(RuntimeError()) == "RuntimeError"
+    assert len(short_error(ValueError("x" * 5000))) < 260
