@@ -86,7 +86,10 @@ class Broker:
         self._tmpdir = None
         backend = config.backend
         if not backend:
-            self._tmpdir = tempfile.mkdtemp(prefix="modelpool-")
+            remove_stale_dirs()
+            self._tmpdir = tempfile.mkdtemp(prefix=_TMP_PREFIX)
+            with open(os.path.join(self._tmpdir, _OWNER_FILE), "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
             backend = f"ipc://{self._tmpdir}/backend.ipc"
         self.backend_endpoint = backend
         self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
@@ -342,6 +345,59 @@ class Broker:
 
 class _ForcedStop(Exception):
     pass
+
+
+_TMP_PREFIX = "modelpool-"
+_OWNER_FILE = "launcher.pid"  # "<pid> <start time>" of the launcher that owns the directory
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc), to tell a reused pid apart; "" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return not started or not _start_time(pid) or _start_time(pid) == started
+
+
+def remove_stale_dirs(tmp: str | None = None) -> list[str]:
+    """Remove private ipc directories left by launchers that died (SIGKILL cannot clean up).
+
+    Only directories of this user whose recorded launcher process is gone; a directory without the
+    record (another program's, or one being created) is left alone.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(_TMP_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            with open(os.path.join(path, _OWNER_FILE)) as f:
+                fields = f.read().split()
+            pid, started = int(fields[0]), fields[1] if len(fields) > 1 else ""
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _owner_alive(pid, started):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d ipc directories left by launchers that are gone", len(removed))
+    return removed
 
 
 def _read_all(fd: int) -> None:

@@ -424,3 +424,53 @@ def test_model_error_text_for_clients_has_no_traceback_or_paths():
         "ValueError: cannot read <path>: bad zip"
     assert short_error(RuntimeError()) == "RuntimeError"
     assert len(short_error(ValueError("x" * 5000))) < 260
+
+
+# --- a SIGKILLed launcher's private ipc directory is removed by the next one -----------------------
+
+
+def test_stale_ipc_directories_of_dead_launchers_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from broker.server import remove_stale_dirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / "modelpool-dead"
+    dead.mkdir()
+    (dead / "launcher.pid").write_text(f"{gone.pid} 1\n")
+    (dead / "backend.ipc").write_bytes(b"")
+    live = tmp_path / "modelpool-live"
+    live.mkdir()
+    (live / "launcher.pid").write_text(f"{os.getppid()}\n")
+    reused = tmp_path / "modelpool-reused"  # the pid lives, but it is another process now
+    reused.mkdir()
+    (reused / "launcher.pid").write_text(f"{os.getppid()} 1\n")
+    unknown = tmp_path / "modelpool-unknown"  # no record: not ours to judge
+    unknown.mkdir()
+    other = tmp_path / "other-dir"
+    other.mkdir()
+    (other / "launcher.pid").write_text(f"{gone.pid}\n")
+    removed = remove_stale_dirs(str(tmp_path))
+    assert sorted(removed) == sorted([str(dead), str(reused)])
+    assert live.exists() and unknown.exists() and other.exists() and not dead.exists()
+
+
+def test_the_broker_records_its_pid_in_its_private_directory(tmp_path):
+    import os
+
+    from broker.config import ModelConfig, PoolConfig
+    from broker.server import Broker
+
+    (tmp_path / "m.keras").write_bytes(b"")
+    config = PoolConfig(models=(ModelConfig(name="m", path=str(tmp_path / "m.keras")),),
+                        frontend=f"ipc://{tmp_path}/front.ipc")
+    broker = Broker(config, supervise=False)
+    try:
+        record = open(os.path.join(broker._tmpdir, "launcher.pid")).read().split()
+        assert int(record[0]) == os.getpid() and record[1].isdigit()
+    finally:
+        broker.close()
+    assert not os.path.exists(broker._tmpdir)
