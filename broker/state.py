@@ -56,6 +56,7 @@ QUEUED, INFLIGHT, DONE = 0, 1, 2
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
 MAX_WORKER_CAPACITY = 1024  # requests in flight on one worker, whatever its READY claims
+MAX_WORKERS_PER_MODEL = 256  # registrations past this are refused: peers cannot pile them up
 
 
 class Pending:
@@ -441,6 +442,12 @@ class PoolState:
                                  "not serve, from worker=%s", quote(model), quote(identity))
             self.outbox_workers.append([identity, *protocol.encode_disconnect(
                 {"error": f"model {quote(model)} is not served by this pool"})])
+            return
+        if len(entry.workers) >= MAX_WORKERS_PER_MODEL:
+            self.limited.warning("registrations refused", "refused READY for model=%s from worker=%s: %d workers "
+                                 "registered already", quote(model), quote(identity), len(entry.workers))
+            self.outbox_workers.append([identity, *protocol.encode_disconnect(
+                {"error": f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"})])
             return
         capacity = info.get("capacity", 1)
         if not isinstance(capacity, int) or isinstance(capacity, bool):

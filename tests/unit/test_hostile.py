@@ -13,7 +13,7 @@ import pytest
 
 from client import protocol
 from client.errors import InvalidInput, Overloaded, ProtocolError, RequestTimeout, Unavailable
-from test_state import ALICE, W1, Clock, client_out, dispatched, infer, make_state, only_error, ready, reply
+from test_state import ALICE, W1, Clock, client_out, dispatched, infer, make_state, only_error, ready, reply, worker_out
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -474,3 +474,14 @@ def test_the_broker_records_its_pid_in_its_private_directory(tmp_path):
     finally:
         broker.close()
     assert not os.path.exists(broker._tmpdir)
+
+
+def test_registrations_per_model_are_capped(clock):
+    from broker.state import MAX_WORKERS_PER_MODEL
+
+    state = make_state(clock, "m", expected=1)
+    for i in range(MAX_WORKERS_PER_MODEL + 10):
+        ready(state, b"w%d" % i, "m")
+    assert len(state.workers) == MAX_WORKERS_PER_MODEL
+    refused = [m for _, m in worker_out(state) if m.command is protocol.Command.DISCONNECT]
+    assert len(refused) == 10 and "registered already" in refused[0].fields[0]["error"]
