@@ -334,7 +334,8 @@ class PoolState:
             model = protocol.frame_bytes(frames[2])
             rid = protocol.frame_bytes(frames[3])
         except IndexError:
-            self.limited.warning("malformed client messages", "dropped malformed client message client=%s frames=%d: %s",
+            self.limited.warning("malformed client messages",
+                                 "dropped malformed client message client=%s frames=%d: %s",
                                  client.hex()[:64], len(frames), exc)
             return
         if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
@@ -359,7 +360,8 @@ class PoolState:
             self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, protocol.OK,
                                         protocol.packb({"name": name})])
         else:
-            self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {quote(name)} is not served here"))
+            self._reply_error(client, protocol.MMI_SERVICE, rid,
+                              ModelNotFound(f"model {quote(name)} is not served here"))
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
         detail = self.mmi_detail and header.get("detail") is True
@@ -421,7 +423,8 @@ class PoolState:
             self._worker_disconnect(identity, worker, info)
         else:
             self.limited.warning("worker messages only the broker sends",
-                                 "worker=%s sent %s, which only the broker sends; dropped", quote(identity), command.name)
+                                 "worker=%s sent %s, which only the broker sends; dropped", quote(identity),
+                                 command.name)
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
         if worker is not None:

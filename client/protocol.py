@@ -265,7 +265,8 @@ def check_tensor_meta(meta: Any) -> tuple[str, str, tuple[int, ...]]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     )
     if not valid:
-        raise ProtocolError(f"tensor {quote(name)}: shape must be a list of non-negative integers, got {wire_type(shape)}")
+        raise ProtocolError(
+            f"tensor {quote(name)}: shape must be a list of non-negative integers, got {wire_type(shape)}")
     return name, datatype, tuple(shape)
 
 

@@ -173,7 +173,8 @@ def test_broker_pause_is_not_taken_for_crashes(fpool, models):
             t.join(90)
     after = {m["name"]: m for m in fpool.client.models()}["a"]
     errors_seen = [o for o in outcomes if o is not True]
-    print(f"\npause: {len(outcomes)} answers, not ok: {errors_seen[:3]}; retried {after['retried'] - before['retried']}")
+    print(f"\npause: {len(outcomes)} answers, not ok: {errors_seen[:3]}; "
+          f"retried {after['retried'] - before['retried']}")
     assert outcomes and not errors_seen
     assert after["retried"] == before["retried"] and after["crashed_requests"] == before["crashed_requests"]
     assert after["replicas_ready"] == 2
