@@ -40,8 +40,8 @@ def _garbage(rng: random.Random) -> bytes:
         return _nested(rng.choice([33, 1000, 1023, 1024, 5000]))
     if kind == 1:
         return b"\x81\xaatimeout_ms" + _nested(1000)
-    if kind == 2:
-        return b"\x81\xa4name" + _nested(1000)
+    if kind == 2:  # mmi.service's name, a READY's version, a DISCONNECT's error, nested 1000 deep
+        return rng.choice([b"\x81\xa4name", b"\x81\xa7version", b"\x82\xa5model\xa1m\xa5error"]) + _nested(1000)
     if kind == 3:  # huge declared lengths: array, map, str, bin, ext
         return rng.choice([b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9"]) + b"\xff\xff\xff\xff" + rng.randbytes(8)
     if kind == 4:
