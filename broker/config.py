@@ -28,6 +28,7 @@ class ModelConfig:
     max_batch_size: int = 32
     max_delay_ms: float = 0.0
     max_queue: int = 1024
+    max_queue_bytes: int = 256 * 1024 * 1024  # request payload bytes queued or in flight; past it 429
     pad_to_bucket: bool = False
     threads: int = 0  # TensorFlow intra-op threads per replica; 0 = cores / replicas on this host
     device: str = "cpu"  # "cpu", or "gpu" / "gpu:N" on a GPU host
@@ -40,6 +41,7 @@ class ModelConfig:
         _positive_int(self.replicas, f"{where}.replicas")
         _positive_int(self.max_batch_size, f"{where}.max_batch_size")
         _positive_int(self.max_queue, f"{where}.max_queue")
+        _positive_int(self.max_queue_bytes, f"{where}.max_queue_bytes")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
             raise ConfigError(f"{where}.threads must be an integer >= 0 (0 = automatic), got {self.threads!r}")
         if (not isinstance(self.max_delay_ms, (int, float)) or isinstance(self.max_delay_ms, bool)
@@ -67,6 +69,8 @@ class PoolConfig:
     frontend: str = DEFAULT_FRONTEND
     backend: str = ""  # "" = a private ipc:// path chosen at start
     max_message_bytes: int = 64 * 1024 * 1024
+    # Request payload bytes the broker holds over all models (queued and in flight); past it 503.
+    max_queued_bytes: int = 512 * 1024 * 1024
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
     hang_timeout: float = 60.0
@@ -75,6 +79,7 @@ class PoolConfig:
     log_level: str = "INFO"
     insecure_network: bool = False  # allow non-loopback tcp binds (no CurveZMQ yet: unencrypted)
     exit_on_error: bool = True  # a model that fails to load at start stops the pool (Triton's --exit-on-error)
+    mmi_detail: bool = False  # mmi.models answers {"detail": true} with worker ids and pids (operators)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -87,7 +92,7 @@ class PoolConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not re.match(r"^(tcp|ipc|inproc)://.+", value):
                 raise ConfigError(f"pool.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {value!r}")
-        for key in ("insecure_network", "exit_on_error"):
+        for key in ("insecure_network", "exit_on_error", "mmi_detail"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"pool.{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("frontend", "backend"):
@@ -96,7 +101,22 @@ class PoolConfig:
                 raise ConfigError(
                     f"pool.{key} {value!r} is not a loopback address: modelpool has no CurveZMQ encryption yet, "
                     "so bind to 127.0.0.1, [::1] or ipc://, or set pool.insecure_network = true on a trusted network")
+        if self.backend.startswith("tcp://") and not self.insecure_network:
+            # Any process that reaches a tcp backend, on this host too, can register as a worker and
+            # read every request routed to it; an ipc:// path is guarded by file permissions.
+            raise ConfigError(
+                f"pool.backend {self.backend!r} is a tcp:// endpoint: with no CurveZMQ yet, anything that can "
+                "connect to it can register as a worker and receive requests; set pool.insecure_network = true "
+                "to accept that (remote workers on a trusted network), or leave backend unset for a private ipc://")
         _positive_int(self.max_message_bytes, "pool.max_message_bytes")
+        _positive_int(self.max_queued_bytes, "pool.max_queued_bytes")
+        if self.max_queued_bytes < self.max_message_bytes:
+            raise ConfigError(f"pool.max_queued_bytes ({self.max_queued_bytes}) must be at least "
+                              f"pool.max_message_bytes ({self.max_message_bytes}), or no large request fits")
+        for m in self.models:
+            if m.max_queue_bytes < self.max_message_bytes:
+                raise ConfigError(f"models[{m.name!r}].max_queue_bytes ({m.max_queue_bytes}) must be at least "
+                                  f"pool.max_message_bytes ({self.max_message_bytes}), or no large request fits")
         _positive_int(self.heartbeat_liveness, "pool.heartbeat_liveness")
         for key in ("heartbeat_interval", "hang_timeout", "drain_timeout", "restart_backoff_max"):
             value = getattr(self, key)

@@ -6,6 +6,8 @@ handlers only record the signal.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -19,7 +21,7 @@ import zmq
 from broker.config import PoolConfig
 from broker.state import PoolState
 from broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
-from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests
+from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests, quote
 from client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,46 @@ _REQUEST = Command.REQUEST.value
 # After the first load failure at start, how long to keep reading before stopping: a worker's
 # DISCONNECT with the loader's error can arrive just after its process sentinel fired.
 _LOAD_ERROR_GRACE = 0.5
+_MIN_HWM = 1000
+_TRIM_AFTER_MESSAGES = 20_000  # a burst this large since the last trim ...
+_TRIM_AFTER_BYTES = 64 * 1024 * 1024  # ... or this many payload bytes let go of, then give memory back
+_TRIM_INTERVAL = 1.0
+
+
+def socket_hwm(config: PoolConfig) -> int:
+    """Messages each ROUTER socket queues per peer and direction.
+
+    ZeroMQ counts messages, not bytes: this is max_queued_bytes in messages of max_message_bytes,
+    but at least 1000, so that a client pipelining many small requests has no reply dropped.
+    """
+    return max(_MIN_HWM, config.max_queued_bytes // config.max_message_bytes)
+
+
+class _Trimmer:
+    """Hands freed heap back to the OS after a flood; glibc's malloc keeps it otherwise."""
+
+    def __init__(self) -> None:
+        self.trim = None
+        name = ctypes.util.find_library("c")
+        if name and os.uname().sysname == "Linux":
+            try:
+                self.trim = ctypes.CDLL(name).malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                self.trim = None
+        self.messages = 0
+        self.high = 0
+        self.next_at = 0.0
+        self.again = False  # trim once more after the burst, for what it freed since
+
+    def note(self, messages: int, held: int, now: float) -> None:
+        self.messages += messages
+        self.high = max(self.high, held)
+        if self.trim is None or now < self.next_at:
+            return
+        if self.messages >= _TRIM_AFTER_MESSAGES or self.high - held >= _TRIM_AFTER_BYTES or self.again:
+            self.trim(0)
+            self.again = self.messages > 0 and not self.again
+            self.messages, self.high, self.next_at = 0, held, now + _TRIM_INTERVAL
 
 
 class Broker:
@@ -47,19 +89,24 @@ class Broker:
         self._tmpdir = None
         backend = config.backend
         if not backend:
-            self._tmpdir = tempfile.mkdtemp(prefix="modelpool-")
+            remove_stale_dirs()
+            self._tmpdir = tempfile.mkdtemp(prefix=_TMP_PREFIX)
+            with open(os.path.join(self._tmpdir, _OWNER_FILE), "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
             backend = f"ipc://{self._tmpdir}/backend.ipc"
         self.backend_endpoint = backend
         self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
-                               heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout)
+                               heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout,
+                               max_held_bytes=config.max_queued_bytes, mmi_detail=config.mmi_detail)
         for m in config.models:
             self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
-                                 version=m.version)
+                                 version=m.version, max_queue_bytes=m.max_queue_bytes)
         self.supervisor = Supervisor(config, backend) if supervise else None
         self.on_ready = on_ready
         self.started = False  # every model had its replicas ready (or failed with exit_on_error off)
         self.announced = False
         self._fail_by: float | None = None
+        self._trimmer = _Trimmer()
         self.signals: list[int] = []
         self.exit_code = 0
         self.ctx = zmq.Context()
@@ -71,9 +118,12 @@ class Broker:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        # No ROUTER_HANDOVER: with it, a new peer that presents an identity already connected takes
+        # over the replies (frontend) or requests (backend) meant for the first. Without it libzmq
+        # refuses the second connection; a worker re-registers on its existing connection instead.
+        hwm = socket_hwm(self.config)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(endpoint)
@@ -116,10 +166,11 @@ class Broker:
                     watched = self._watch(poller, watched, sup.sentinels())
                 timeout = self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
+                received = 0
                 if self.frontend in events:
-                    self._drain_frontend()
+                    received += self._drain_frontend()
                 if self.backend in events:
-                    self._drain_backend()
+                    received += self._drain_backend()
                 if wake is not None and wake in events:
                     _read_all(wake)
                 for fd in [fd for fd in watched if fd in events]:
@@ -132,6 +183,7 @@ class Broker:
                     state.heartbeat_all()
                     next_heartbeat = now + interval
                 self._flush()
+                self._trimmer.note(received, state.held_bytes, now)
                 if not self.started and self._check_start():
                     return self._finish(forced=False)
                 self._maybe_announce()
@@ -157,25 +209,30 @@ class Broker:
             candidates.append(self._fail_by)
         return max(0, int((min(candidates) - now) * 1000) + 1)
 
-    def _drain_frontend(self) -> None:
+    def _drain_frontend(self) -> int:
         sock, handle = self.frontend, self.state.client_message
+        received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _CLIENT_TENSORS)
             except zmq.Again:
                 break
+            received = i
             handle(frames[0], frames[1:])
             if i % _COALESCE == 0:
                 self._flush()
         self._flush()
+        return received
 
-    def _drain_backend(self) -> None:
+    def _drain_backend(self) -> int:
         sock, handle, sup = self.backend, self.state.worker_message, self.supervisor
+        received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
                 frames = recv_frames(sock, _WORKER_TENSORS)
             except zmq.Again:
                 break
+            received = i
             identity = frames[0]
             handle(identity, frames[1:])
             if sup is not None and identity in self.state.workers and sup.mark_ready(identity):
@@ -183,6 +240,7 @@ class Broker:
             if i % _COALESCE == 0:
                 self._flush()
         self._flush()
+        return received
 
     def _flush(self) -> None:
         state = self.state
@@ -249,7 +307,8 @@ class Broker:
         lost = self.state.lost_workers
         while lost:
             identity, reason = lost.pop()
-            log.warning("worker=%r declared dead: %s", identity, reason)
+            self.state.limited.warning("workers declared dead", "worker=%s declared dead: %s", quote(identity),
+                                       reason, burst=50)
             if self.supervisor is not None:
                 self.supervisor.kill(identity)
             self.state.outbox_workers.append([identity, *encode_disconnect()])
@@ -266,7 +325,7 @@ class Broker:
                 return False
             for entry in failed:
                 log.error("model=%s failed to load at start: %s; stopping the pool (set exit_on_error = false "
-                          "in [pool] to serve the other models anyway)", entry.name.decode(), entry.load_error)
+                          "in [pool] to serve the other models anyway)", quote(entry.name), quote(entry.load_error, 1000))
             self.exit_code = EXIT_LOAD_FAILED  # the launcher exits as its failed worker did
             return True
         self.started = all(e.ready >= e.expected or e.load_error for e in models)
@@ -317,6 +376,59 @@ class Broker:
 
 class _ForcedStop(Exception):
     pass
+
+
+_TMP_PREFIX = "modelpool-"
+_OWNER_FILE = "launcher.pid"  # "<pid> <start time>" of the launcher that owns the directory
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc), to tell a reused pid apart; "" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return not started or not _start_time(pid) or _start_time(pid) == started
+
+
+def remove_stale_dirs(tmp: str | None = None) -> list[str]:
+    """Remove private ipc directories left by launchers that died (SIGKILL cannot clean up).
+
+    Only directories of this user whose recorded launcher process is gone; a directory without the
+    record (another program's, or one being created) is left alone.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(_TMP_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            with open(os.path.join(path, _OWNER_FILE)) as f:
+                fields = f.read().split()
+            pid, started = int(fields[0]), fields[1] if len(fields) > 1 else ""
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _owner_alive(pid, started):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d ipc directories left by launchers that are gone", len(removed))
+    return removed
 
 
 def _read_all(fd: int) -> None:

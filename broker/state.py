@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from broker.logutil import LogLimiter
 from client import protocol
 from client.errors import (
     InvalidInput,
@@ -27,7 +28,7 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from client.protocol import CLIENT
+from client.protocol import CLIENT, describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,19 @@ class IllegalTransition(RuntimeError):
 
 
 QUEUED, INFLIGHT, DONE = 0, 1, 2
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
+MAX_WORKER_CAPACITY = 1024  # requests in flight on one worker, whatever its READY claims
+MAX_WORKERS_PER_MODEL = 256  # registrations past this are refused: peers cannot pile them up
 
 
 class Pending:
     """One client request held by the broker, queued or in flight."""
 
-    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where")
+    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where", "size")
 
-    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None) -> None:
+    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None,
+                 size: int = 0) -> None:
         self.client = client
         self.rid = rid
         self.model = model
@@ -68,6 +74,7 @@ class Pending:
         self.crashes = 0
         self.flags = b""
         self.where = QUEUED
+        self.size = size  # payload bytes the broker holds for it until it is answered
 
 
 @dataclass
@@ -84,16 +91,17 @@ class Worker:
     inflight: dict = field(default_factory=dict)
     last_heard: float = 0.0
     batched: bool = False  # takes REQUESTS (several requests in one message) and may send REPLIES
+    solo: bool = False  # runs a request that was in flight on a worker that died: nothing else meanwhile
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
         if new not in _MOVES[self.state]:
-            raise IllegalTransition(f"worker {self.identity!r}: {self.state.value} -> {new.value}")
+            raise IllegalTransition(f"worker {quote(self.identity)}: {self.state.value} -> {new.value}")
         self.state = new
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.inflight) if self.state is WorkerState.READY else 0
+        return self.capacity - len(self.inflight) if self.state is WorkerState.READY and not self.solo else 0
 
 
 @dataclass
@@ -102,8 +110,15 @@ class ModelEntry:
 
     name: bytes
     max_queue: int
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    held_bytes: int = 0  # payload bytes of this model's requests, queued and in flight
     queue: deque = field(default_factory=deque)
-    queued: int = 0
+    queued: int = 0  # live requests in queue and suspects
+    # Requests that were in flight on a worker that died: each runs alone on an idle worker, so
+    # that a poison input takes no innocent request with it.
+    suspects: deque = field(default_factory=deque)
+    suspects_queued: int = 0
+    reserved: Worker | None = None  # left to drain for the next suspect; gets no new requests
     workers: dict = field(default_factory=dict)
     expected: int = 0  # local replicas the supervisor keeps alive
     starting: int = 0
@@ -124,7 +139,8 @@ class ModelEntry:
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
 
-    def summary(self) -> dict:
+    def summary(self, detail: bool = False) -> dict:
+        """The model's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
         return {
             "name": self.name.decode(errors="replace"),
             "version": self.version,
@@ -134,6 +150,8 @@ class ModelEntry:
             "replicas_expected": self.expected,
             "queue_depth": self.queued,
             "max_queue": self.max_queue,
+            "queue_bytes": self.held_bytes,
+            "max_queue_bytes": self.max_queue_bytes,
             "in_flight": self.in_flight,
             "served": self.served,
             "errors": self.errors,
@@ -141,8 +159,8 @@ class ModelEntry:
             "crashed_requests": self.crashed,
             "load_error": self.load_error,
             "workers": [
-                {"id": w.identity.decode(errors="replace"), "pid": w.pid, "state": w.state.value,
-                 "capacity": w.capacity, "in_flight": len(w.inflight)}
+                {**({"id": w.identity.decode(errors="replace"), "pid": w.pid} if detail else {}),
+                 "state": w.state.value, "capacity": w.capacity, "in_flight": len(w.inflight)}
                 for w in self.workers.values()
             ],
         }
@@ -159,8 +177,14 @@ class PoolState:
         heartbeat_liveness: int = protocol.HEARTBEAT_LIVENESS,
         hang_timeout: float = 60.0,
         default_max_queue: int = 1024,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        mmi_detail: bool = False,
     ) -> None:
+        self.mmi_detail = mmi_detail
         self.now = now
+        self.max_held_bytes = max_held_bytes
+        self.limited = LogLimiter(log, now=now)  # for every line a peer can cause at will
+        self.held_bytes = 0  # payload bytes of every request held, queued or in flight
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.hang_timeout = hang_timeout
@@ -181,12 +205,13 @@ class PoolState:
 
     # --- configuration -------------------------------------------------------------------
 
-    def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "") -> None:
-        """Declare a model served by local replicas (remote workers may add models on READY)."""
+    def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
+                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
+        """Declare a served model; workers may register only for declared models."""
         key = name.encode()
         entry = self.models.get(key)
         if entry is None:
-            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue)
+            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue, max_queue_bytes)
         entry.expected = expected
         entry.version = version
 
@@ -201,16 +226,36 @@ class PoolState:
         entry = self.models.get(model.encode())
         if entry is None:
             return
-        log.error("model=%s failed to load: %s", model, reason)
+        self.limited.log(logging.ERROR, f"load failures of model {model}", "model=%s failed to load: %s",
+                         quote(model), quote(reason, 500))
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
-            self._fail_queue(entry, Unavailable(f"model {entry.name.decode()!r} failed to load: {reason}"))
+            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} failed to load: {reason}"))
 
     # --- client side ---------------------------------------------------------------------
 
     def client_message(self, client: bytes, frames: Sequence[Any]) -> None:
-        """A message from a client (identity stripped); malformed ones are logged and dropped."""
+        """A message from a client (identity stripped); malformed ones are answered 400 or dropped.
+
+        No exception escapes: one message must never stop the broker's loop.
+        """
+        try:
+            self._client_message(client, frames)
+        except Exception:
+            self.limited.log(logging.ERROR, "internal error on a client message",
+                             "internal error on a client message client=%s", client.hex()[:64], exc_info=True)
+            self._answer_unhandled(client, frames)
+
+    def _answer_unhandled(self, client: bytes, frames: Sequence[Any]) -> None:
+        try:
+            model, rid = protocol.frame_bytes(frames[2]), protocol.frame_bytes(frames[3])
+        except Exception:
+            return
+        if 0 < len(rid) <= protocol.MAX_ID_BYTES and len(model) <= protocol.MAX_ID_BYTES:
+            self._reply_error(client, model, rid, InvalidInput("the broker could not handle this request"))
+
+    def _client_message(self, client: bytes, frames: Sequence[Any]) -> None:
         try:
             request = protocol.parse_request(frames)
         except PoolError as exc:
@@ -220,7 +265,7 @@ class PoolState:
         if model.startswith(protocol.MMI_PREFIX):
             handler = self._mmi.get(model)
             if handler is None:
-                self._reply_error(client, model, rid, NotSupported(f"unknown management service {model.decode(errors='replace')!r}"))
+                self._reply_error(client, model, rid, NotSupported(f"unknown management service {quote(model)}"))
             else:
                 handler(client, rid, header)
             return
@@ -228,19 +273,23 @@ class PoolState:
         if entry is None:
             served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
             self._reply_error(client, model, rid, ModelNotFound(
-                f"model {model.decode(errors='replace')!r} is not served here; models served: {served}"))
+                f"model {quote(model)} is not served here; models served: {served}"))
             return
         if header.get("op") == "metadata" and entry.metadata is not None:
             self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
             return
-        error = self._admission_error(entry, header)
+        body = list(frames[4:])
+        size = sum(len(f) for f in body)
+        error = self._admission_error(entry, header, size)
         if error is not None:
             entry.errors += 1
             self._reply_error(client, model, rid, error)
             return
         timeout_ms = header.get("timeout_ms")
         deadline = None if timeout_ms is None else self.now() + timeout_ms / 1000.0
-        pending = Pending(client, rid, model, list(frames[4:]), deadline)
+        pending = Pending(client, rid, model, body, deadline, size)
+        entry.held_bytes += size
+        self.held_bytes += size
         entry.queue.append(pending)
         entry.queued += 1
         self._dispatch(entry)
@@ -248,23 +297,36 @@ class PoolState:
             # Only requests left waiting need a deadline watch; most are dispatched at once.
             heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
 
-    def _admission_error(self, entry: ModelEntry, header: dict) -> PoolError | None:
-        name = entry.name.decode(errors="replace")
+    def _admission_error(self, entry: ModelEntry, header: dict, size: int = 0) -> PoolError | None:
+        name = quote(entry.name)
         timeout_ms = header.get("timeout_ms")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
                                        or not math.isfinite(timeout_ms) or timeout_ms < 0):
             # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
-            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {timeout_ms!r}")
+            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {describe(timeout_ms)}")
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")
         if entry.ready == 0:
             if entry.load_error is not None:
-                return Unavailable(f"model {name!r} failed to load: {entry.load_error}")
+                return Unavailable(f"model {name} failed to load: {entry.load_error}")
             if entry.starting == 0 and entry.expected == 0:
-                return Unavailable(f"model {name!r} has no live worker")
+                return Unavailable(f"model {name} has no live worker")
         if entry.queued >= entry.max_queue:
-            return Overloaded(f"model {name!r} queue is full ({entry.max_queue} requests waiting); retry later")
+            return Overloaded(f"model {name} queue is full ({entry.max_queue} requests waiting); retry later")
+        if entry.held_bytes + size > entry.max_queue_bytes:
+            return Overloaded(f"model {name} holds {entry.held_bytes} bytes of requests; this one ({size} bytes) "
+                              f"would pass its max_queue_bytes ({entry.max_queue_bytes}); retry later")
+        if self.held_bytes + size > self.max_held_bytes:
+            return Unavailable(f"the broker holds {self.held_bytes} bytes of requests; this one ({size} bytes) "
+                               f"would pass max_queued_bytes ({self.max_held_bytes}); retry later")
         return None
+
+    def _done(self, entry: ModelEntry, pending: Pending) -> None:
+        """The request is answered: let go of its payload (the deadline heap may keep the object)."""
+        pending.where, pending.body = DONE, []
+        entry.held_bytes -= pending.size
+        self.held_bytes -= pending.size
+        pending.size = 0
 
     def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
         # Answer when there is enough of an envelope to address a reply; otherwise drop.
@@ -272,12 +334,16 @@ class PoolState:
             model = protocol.frame_bytes(frames[2])
             rid = protocol.frame_bytes(frames[3])
         except IndexError:
-            log.warning("dropped malformed client message client=%s frames=%d: %s", client.hex(), len(frames), exc)
+            self.limited.warning("malformed client messages",
+                                 "dropped malformed client message client=%s frames=%d: %s",
+                                 client.hex()[:64], len(frames), exc)
             return
         if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
-            log.warning("dropped malformed client message client=%s: %s", client.hex(), exc)
+            self.limited.warning("malformed client messages", "dropped malformed client message client=%s: %s",
+                                 client.hex()[:64], exc)
             return
-        log.warning("malformed request client=%s model=%r: %s", client.hex(), model[:64], exc)
+        self.limited.warning("malformed client messages", "malformed request client=%s model=%s: %s",
+                             client.hex()[:64], quote(model), exc)
         self._reply_error(client, model, rid, exc)
 
     def _reply_error(self, client: bytes, model: bytes, rid: bytes, error: PoolError) -> None:
@@ -286,15 +352,20 @@ class PoolState:
     # --- management (mmi.*) --------------------------------------------------------------
 
     def _mmi_service(self, client: bytes, rid: bytes, header: dict) -> None:
-        name = str(header.get("name", "")).encode()
-        if name in self.models:
+        name = header.get("name", "")
+        if not isinstance(name, str):
+            self._reply_error(client, protocol.MMI_SERVICE, rid, InvalidInput(
+                f"mmi.service: name must be a string, got {protocol.wire_type(name)}"))
+        elif name.encode() in self.models:
             self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, protocol.OK,
-                                        protocol.packb({"name": name.decode()})])
+                                        protocol.packb({"name": name})])
         else:
-            self._reply_error(client, protocol.MMI_SERVICE, rid, ModelNotFound(f"model {name.decode()!r} is not served here"))
+            self._reply_error(client, protocol.MMI_SERVICE, rid,
+                              ModelNotFound(f"model {quote(name)} is not served here"))
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
-        body = {"models": [entry.summary() for entry in self.models.values()]}
+        detail = self.mmi_detail and header.get("detail") is True
+        body = {"models": [entry.summary(detail) for entry in self.models.values()]}
         self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_MODELS, rid, protocol.OK, protocol.packb(body)])
 
     def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:
@@ -309,11 +380,22 @@ class PoolState:
     # --- worker side ---------------------------------------------------------------------
 
     def worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
-        """A message from a worker (ROUTER identity stripped); malformed ones are logged and dropped."""
+        """A message from a worker (ROUTER identity stripped); malformed ones are logged and dropped.
+
+        No exception escapes: one message must never stop the broker's loop.
+        """
+        try:
+            self._worker_message(identity, frames)
+        except Exception:
+            self.limited.log(logging.ERROR, "internal error on a worker message",
+                             "internal error on a worker message worker=%s", quote(identity), exc_info=True)
+
+    def _worker_message(self, identity: bytes, frames: Sequence[Any]) -> None:
         try:
             message = protocol.parse_worker_message(frames)
         except PoolError as exc:
-            log.warning("dropped malformed worker message worker=%r: %s", identity, exc)
+            self.limited.warning("malformed worker messages", "dropped malformed worker message worker=%s: %s",
+                                 quote(identity), exc)
             return
         command, fields = message
         worker = self.workers.get(identity)
@@ -322,7 +404,8 @@ class PoolState:
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
         if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
             if worker is None:
-                log.warning("reply from unknown worker=%r dropped", identity)
+                self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
+                                     quote(identity))
             else:
                 for client, rid, status, body in protocol.message_groups(message):
                     self._worker_reply(worker, client, rid, status, body)
@@ -339,21 +422,45 @@ class PoolState:
             info = fields[0] if fields else {}
             self._worker_disconnect(identity, worker, info)
         else:
-            log.warning("worker=%r sent %s, which only the broker sends; dropped", identity, command.name)
+            self.limited.warning("worker messages only the broker sends",
+                                 "worker=%s sent %s, which only the broker sends; dropped", quote(identity),
+                                 command.name)
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
         if worker is not None:
-            log.warning("worker=%r sent READY twice; treating it as a new registration", identity)
-            self.worker_lost(identity, "re-registered")
+            pid = info.get("pid") if isinstance(info.get("pid"), int) else None
+            if pid == worker.pid and model == worker.model:
+                # The same process (it lost touch with a paused broker): nothing crashed. Its
+                # in-flight requests go back to the queue as they were.
+                self.limited.info("re-registrations", "worker=%s pid=%s registered again; %d in-flight requests "
+                                  "re-queued", quote(identity), pid, len(worker.inflight), burst=50)
+                self.worker_lost(identity, "re-registered", crashed=False)
+            else:
+                self.limited.warning("replaced registrations", "worker=%s sent READY as another process; "
+                                     "treating it as a new registration", quote(identity), burst=50)
+                self.worker_lost(identity, "replaced by a new registration")
         entry = self.models.get(model)
         if entry is None:
-            entry = self.models[model] = ModelEntry(model, self.default_max_queue)
+            self.limited.warning("registrations refused", "refused READY for model=%s, which this pool does "
+                                 "not serve, from worker=%s", quote(model), quote(identity))
+            self.outbox_workers.append([identity, *protocol.encode_disconnect(
+                {"error": f"model {quote(model)} is not served by this pool"})])
+            return
+        if len(entry.workers) >= MAX_WORKERS_PER_MODEL:
+            self.limited.warning("registrations refused", "refused READY for model=%s from worker=%s: %d workers "
+                                 "registered already", quote(model), quote(identity), len(entry.workers))
+            self.outbox_workers.append([identity, *protocol.encode_disconnect(
+                {"error": f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"})])
+            return
         capacity = info.get("capacity", 1)
+        if not isinstance(capacity, int) or isinstance(capacity, bool):
+            capacity = 1
+        version = info.get("version", "")
         worker = Worker(
             identity=identity,
             model=model,
-            version=str(info.get("version", "")),
-            capacity=max(1, capacity if isinstance(capacity, int) else 1),
+            version=version[:128] if isinstance(version, str) else "",
+            capacity=min(MAX_WORKER_CAPACITY, max(1, capacity)),
             pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
             expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
             last_heard=self.now(),
@@ -366,18 +473,20 @@ class PoolState:
             entry.metadata = info["metadata"]
         if worker.version and not entry.version:
             entry.version = worker.version
-        log.info("worker ready model=%s worker=%s pid=%s capacity=%d",
-                 model.decode(errors="replace"), identity.decode(errors="replace"), worker.pid, worker.capacity)
+        self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s capacity=%d",
+                          quote(model), quote(identity), worker.pid, worker.capacity, burst=50)
         self._dispatch(entry)
 
     def _worker_reply(self, worker: Worker, client: bytes, rid: bytes, status: bytes, body: Sequence[Any]) -> None:
         pending = worker.inflight.pop((client, rid), None)
         if pending is None:
-            log.warning("reply for unknown request worker=%r rid=%r dropped", worker.identity, rid[:32])
+            self.limited.warning("replies for unknown requests", "reply for unknown request worker=%s rid=%s dropped",
+                                 quote(worker.identity), quote(rid, 32))
             return
-        # The deadline heap keeps this Pending until its deadline passes: let go of the tensors now.
-        pending.where, pending.body = DONE, []
         entry = self.models[worker.model]
+        if pending.crashes:
+            worker.solo = False
+        self._done(entry, pending)
         if status == protocol.OK:
             entry.served += 1
         else:
@@ -386,46 +495,60 @@ class PoolState:
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
         error = info.get("error") if isinstance(info, dict) else None
-        if error and isinstance(info.get("model"), str):
-            self.load_failed(info["model"], str(error))
+        if error and isinstance(error, str) and isinstance(info.get("model"), str):
+            self.load_failed(info["model"], error[:2000])
         if worker is not None:
             self.worker_lost(identity, "disconnected")
 
-    def worker_lost(self, identity: bytes, reason: str) -> Worker | None:
-        """A worker died, hung or left: retry its in-flight requests once, 500 those already retried."""
+    def worker_lost(self, identity: bytes, reason: str, *, crashed: bool = True) -> Worker | None:
+        """A worker died, hung or left: its in-flight requests are re-queued to run alone, and one that
+        was already running alone after an earlier crash is answered 500 (it is the poison).
+
+        ``crashed=False`` (the same process registered again): every request is re-queued as it was.
+        """
         worker = self.workers.get(identity)
         if worker is None:
             return None
         entry = self.models[worker.model]
         self._forget(worker)
-        retry = []
+        if entry.reserved is worker:
+            entry.reserved = None
+        normal, suspects = [], []
         for pending in worker.inflight.values():
-            if pending.crashes >= 1:
+            if not crashed:
+                (suspects if pending.crashes else normal).append(pending)
+            elif pending.crashes >= 1:
                 entry.crashed += 1
                 entry.errors += 1
-                pending.where, pending.body = DONE, []
+                self._done(entry, pending)
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
-                    f"request crashed a worker of model {entry.name.decode(errors='replace')!r} "
-                    f"({reason}) twice; it is not retried again"))
+                    f"request crashed a worker of model {quote(entry.name)} ({reason}) while it ran alone, "
+                    "after it was in flight on another that died; it is not retried again"))
             else:
                 pending.crashes += 1
                 pending.flags = protocol.FLAG_SOLO
                 entry.retried += 1
-                retry.append(pending)
+                suspects.append(pending)
         worker.inflight.clear()
-        for pending in reversed(retry):
-            pending.where = QUEUED
-            entry.queue.appendleft(pending)
-            entry.queued += 1
-            if pending.deadline is not None:
-                heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
-        if retry or worker.capacity:
-            log.warning("worker lost model=%s worker=%r pid=%s reason=%s retried=%d",
-                        entry.name.decode(errors="replace"), identity, worker.pid, reason, len(retry))
-        if entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
-            self._fail_queue(entry, Unavailable(f"model {entry.name.decode(errors='replace')!r} has no live worker"))
+        for pending in reversed(normal):
+            self._requeue(entry, pending, entry.queue)
+        for pending in reversed(suspects):
+            self._requeue(entry, pending, entry.suspects)
+            entry.suspects_queued += 1
+        if crashed and (suspects or worker.capacity):
+            self.limited.warning("workers lost", "worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
+                                 quote(entry.name), quote(identity), worker.pid, reason, len(suspects), burst=50)
+        if crashed and entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
+            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} has no live worker"))
         self._dispatch(entry)
         return worker
+
+    def _requeue(self, entry: ModelEntry, pending: Pending, queue: deque) -> None:
+        pending.where = QUEUED
+        queue.appendleft(pending)
+        entry.queued += 1
+        if pending.deadline is not None:
+            heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
 
     def _forget(self, worker: Worker) -> None:
         if worker.state is not WorkerState.GONE:
@@ -438,10 +561,13 @@ class PoolState:
     # --- dispatch, time ------------------------------------------------------------------
 
     def _dispatch(self, entry: ModelEntry) -> None:
+        if entry.suspects:
+            self._dispatch_suspects(entry)
         queue = entry.queue
         if not queue:
             return
-        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY]
+        reserved = entry.reserved
+        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY and w is not reserved]
         if not workers:
             return
         now = self.now()
@@ -453,33 +579,66 @@ class PoolState:
             if pending.where is DONE:
                 continue
             entry.queued -= 1
-            if pending.deadline is not None and pending.deadline <= now:
-                self._expire(entry, pending)
+            self._send(entry, best, pending, now)
+
+    def _dispatch_suspects(self, entry: ModelEntry) -> None:
+        """Each suspect runs alone on an idle worker, and never on the last live one while others wait."""
+        suspects = entry.suspects
+        entry.reserved = None
+        now = self.now()
+        while suspects:
+            if suspects[0].where is DONE:
+                suspects.popleft()
                 continue
-            key = (pending.client, pending.rid)
-            if key in best.inflight:
-                pending.where, pending.body = DONE, []
-                entry.errors += 1
-                self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
-                    "request-id is already in flight from this client; use a new id for every request"))
-                continue
-            pending.where = INFLIGHT
-            best.inflight[key] = pending
-            self.outbox_workers.append([best.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
-                                        pending.client, b"", pending.rid, pending.flags, *pending.body])
+            live = [w for w in entry.workers.values() if w.state is WorkerState.READY]
+            others_wait = entry.queued > entry.suspects_queued
+            single = entry.expected <= 1 and entry.starting == 0 and len(live) <= 1  # waiting brings no other
+            if len(live) < 2 and others_wait and not single:
+                return
+            idle = [w for w in live if not w.solo and not w.inflight]
+            if not idle:
+                candidates = [w for w in live if not w.solo]
+                if candidates and (len(live) >= 2 or not others_wait):
+                    entry.reserved = min(candidates, key=lambda w: len(w.inflight))  # let it drain
+                return
+            pending = suspects.popleft()
+            entry.queued -= 1
+            entry.suspects_queued -= 1
+            if self._send(entry, idle[0], pending, now):
+                idle[0].solo = True
+
+    def _send(self, entry: ModelEntry, worker: Worker, pending: Pending, now: float) -> bool:
+        """Dispatch one request taken from a queue; False if it was answered instead."""
+        if pending.deadline is not None and pending.deadline <= now:
+            self._expire(entry, pending)
+            return False
+        key = (pending.client, pending.rid)
+        if key in worker.inflight:
+            self._done(entry, pending)
+            entry.errors += 1
+            self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
+                "request-id is already in flight from this client; use a new id for every request"))
+            return False
+        pending.where = INFLIGHT
+        worker.inflight[key] = pending
+        self.outbox_workers.append([worker.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
+                                    pending.client, b"", pending.rid, pending.flags, *pending.body])
+        return True
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
-        pending.where, pending.body = DONE, []
+        self._done(entry, pending)
         entry.errors += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
-            f"deadline passed after waiting in the queue of model {entry.name.decode(errors='replace')!r}; "
+            f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
             "the request never reached the model"))
 
     def _fail_queue(self, entry: ModelEntry, error: PoolError) -> None:
-        while entry.queue:
-            pending = entry.queue.popleft()
+        entry.suspects_queued = 0
+        entry.reserved = None
+        while entry.queue or entry.suspects:
+            pending = (entry.queue or entry.suspects).popleft()
             if pending.where is QUEUED:
-                pending.where, pending.body = DONE, []
+                self._done(entry, pending)
                 entry.queued -= 1
                 entry.errors += 1
                 self._reply_error(pending.client, pending.model, pending.rid, error)
@@ -487,6 +646,7 @@ class PoolState:
     def tick(self) -> None:
         """Expire queued requests past their deadline and workers past their liveness."""
         now = self.now()
+        self.limited.flush()
         heap = self._deadlines
         if len(heap) > 4096 and len(heap) > 4 * sum(e.queued for e in self.models.values()):
             # Entries of requests dispatched since are dropped lazily; compact so that memory
@@ -498,6 +658,8 @@ class PoolState:
             if pending.where is QUEUED:  # left in the deque; dispatch skips it
                 entry = self.models[pending.model]
                 entry.queued -= 1
+                if pending.crashes:
+                    entry.suspects_queued -= 1
                 self._expire(entry, pending)
         for worker in list(self.workers.values()):
             silent = now - worker.last_heard

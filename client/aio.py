@@ -257,9 +257,10 @@ class AsyncClient:
         rid, frames = self._builder.request(model, {"op": "metadata"})
         return header_or_raise(await self._roundtrip(rid, frames, timeout))
 
-    async def models(self, *, timeout: float | None = None) -> list[dict]:
-        """Models served, with versions, replicas, queue depths and counters."""
-        rid, frames = self._builder.request(protocol.MMI_MODELS.decode(), {})
+    async def models(self, *, timeout: float | None = None, detail: bool = False) -> list[dict]:
+        """Models served, with versions, replicas, queue depths and counters; ``detail`` adds worker
+        ids and pids where the pool allows it (``mmi_detail`` in its config)."""
+        rid, frames = self._builder.request(protocol.MMI_MODELS.decode(), {"detail": True} if detail else {})
         return header_or_raise(await self._roundtrip(rid, frames, timeout))["models"]
 
     async def health(self, *, timeout: float | None = None) -> dict:

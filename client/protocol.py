@@ -41,6 +41,7 @@ Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the ident
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -109,6 +110,63 @@ def datatype_of(dtype: np.dtype) -> str:
     return name
 
 
+# Bounds on what a peer's msgpack header may hold: a header names tensors and a few options, so
+# these are generous; they stop a few bytes that declare a huge length or a deep nesting from
+# costing memory or, later, a RecursionError where the value is formatted or compared.
+MAX_HEADER_DEPTH = 32
+_UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_bin_len": 1 << 20, "max_array_len": 1 << 16,
+                  "max_map_len": 1 << 16, "max_ext_len": 0}
+_WIRE_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+               ((bytes, bytearray, memoryview), "binary"), ((list, tuple), "an array"), (dict, "a map"))
+
+
+def wire_type(value: Any) -> str:
+    """The msgpack type of a decoded value in words ("an array"), for error messages."""
+    if value is None:
+        return "nil"
+    for kinds, name in _WIRE_TYPES:
+        if isinstance(value, kinds):
+            return name
+    return type(value).__name__
+
+
+def quote(value: Any, limit: int = 64) -> str:
+    """Peer-supplied text, safe for logs and error messages in any language.
+
+    Strings and bytes are cut to ``limit`` characters and written as a JSON string (every control
+    and non-ASCII character escaped, so a peer cannot forge log lines); anything else is named by
+    its wire type, never formatted (a nested value could be arbitrarily large or deep).
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value[: limit * 4]).decode("utf-8", errors="replace")
+    elif not isinstance(value, str):
+        return wire_type(value)
+    text = json.dumps(value[:limit])
+    return text + "..." if len(value) > limit else text
+
+
+def describe(value: Any) -> str:
+    """A peer's scalar value as text (numbers as themselves, text quoted), else its wire type."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return quote(value)
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable = (*item.keys(), *item.values())
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > MAX_HEADER_DEPTH:
+            raise ProtocolError(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def packb(obj: Any) -> bytes:
     """msgpack encoding used for every header."""
     return msgpack.packb(obj, use_bin_type=True)
@@ -116,12 +174,17 @@ def packb(obj: Any) -> bytes:
 
 def unpack_header(frame: Any) -> dict:
     """Decode a msgpack header frame that must be a map; ProtocolError otherwise."""
+    raw = frame_bytes(frame)
     try:
-        header = msgpack.unpackb(frame_bytes(frame), raw=False, strict_map_key=False)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False, **_UNPACK_LIMITS)
+    except msgpack.StackError:  # the C unpacker stops at 1024 levels
+        raise ProtocolError(f"header nests deeper than {MAX_HEADER_DEPTH} levels") from None
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+        raise ProtocolError(f"header is not valid msgpack: {str(exc)[:120]}") from None
     if not isinstance(header, dict):
-        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+        raise ProtocolError(f"header must be a msgpack map, got {wire_type(header)}")
+    if len(raw) > MAX_HEADER_DEPTH:  # a header of n bytes cannot nest deeper than n
+        _check_depth(header)
     return header
 
 
@@ -170,53 +233,54 @@ def _encode_bytes(array: np.ndarray) -> bytes:
 def _decode_bytes(buffer: Any, count: int, name: str) -> np.ndarray:
     raw = memoryview(buffer).cast("B")
     if count * 4 > len(raw):  # every element has a 4-byte length; reject before allocating count objects
-        raise ProtocolError(f"tensor {name!r}: BYTES frame of {len(raw)} bytes cannot hold {count} elements")
+        raise ProtocolError(f"tensor {quote(name)}: BYTES frame of {len(raw)} bytes cannot hold {count} elements")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
         if pos + 4 > len(raw):
-            raise ProtocolError(f"tensor {name!r}: BYTES frame ends inside element {i}")
+            raise ProtocolError(f"tensor {quote(name)}: BYTES frame ends inside element {i}")
         size = int.from_bytes(raw[pos : pos + 4], "little")
         pos += 4
         if pos + size > len(raw):
-            raise ProtocolError(f"tensor {name!r}: BYTES element {i} runs past the frame")
+            raise ProtocolError(f"tensor {quote(name)}: BYTES element {i} runs past the frame")
         out[i] = bytes(raw[pos : pos + size])
         pos += size
     if pos != len(raw):
-        raise ProtocolError(f"tensor {name!r}: {len(raw) - pos} bytes left after {count} BYTES elements")
+        raise ProtocolError(f"tensor {quote(name)}: {len(raw) - pos} bytes left after {count} BYTES elements")
     return out
 
 
 def check_tensor_meta(meta: Any) -> tuple[str, str, tuple[int, ...]]:
     """Validate one tensor's metadata map and return (name, datatype, shape)."""
     if not isinstance(meta, dict):
-        raise ProtocolError(f"tensor metadata must be a map, got {type(meta).__name__}")
+        raise ProtocolError(f"tensor metadata must be a map, got {wire_type(meta)}")
     name, datatype, shape = meta.get("name"), meta.get("datatype"), meta.get("shape")
     if not isinstance(name, str):
-        raise ProtocolError(f"tensor name must be a string, got {name!r}")
+        raise ProtocolError(f"tensor name must be a string, got {wire_type(name)}")
     if datatype != "BYTES" and (not isinstance(datatype, str) or datatype not in DATATYPES):
         raise ProtocolError(
-            f"tensor {name!r}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}, BYTES"
+            f"tensor {quote(name)}: unknown datatype {quote(datatype)}; expected one of {', '.join(DATATYPES)}, BYTES"
         )
     valid = isinstance(shape, (list, tuple)) and all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     )
     if not valid:
-        raise ProtocolError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise ProtocolError(
+            f"tensor {quote(name)}: shape must be a list of non-negative integers, got {wire_type(shape)}")
     return name, datatype, tuple(shape)
 
 
 def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
     """Arrays (read-only views over the frames, no copy) for a header's tensor list."""
     if not isinstance(metas, (list, tuple)):
-        raise ProtocolError(f"tensor list must be an array of maps, got {type(metas).__name__}")
+        raise ProtocolError(f"tensor list must be an array of maps, got {wire_type(metas)}")
     if len(metas) != len(frames):
         raise ProtocolError(f"header lists {len(metas)} tensors but {len(frames)} tensor frames follow")
     out: dict[str, np.ndarray] = {}
     for meta, frame in zip(metas, frames):
         name, datatype, shape = check_tensor_meta(meta)
         if name in out:
-            raise ProtocolError(f"tensor {name!r} appears twice")
+            raise ProtocolError(f"tensor {quote(name)} appears twice")
         buffer = frame.buffer if hasattr(frame, "buffer") else frame
         count = 1
         for d in shape:
@@ -228,7 +292,7 @@ def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
         nbytes = memoryview(buffer).nbytes
         if nbytes != count * dtype.itemsize:
             raise ProtocolError(
-                f"tensor {name!r}: {datatype} shape {list(shape)} needs {count * dtype.itemsize} bytes, "
+                f"tensor {quote(name)}: {datatype} shape {list(shape)} needs {count * dtype.itemsize} bytes, "
                 f"frame has {nbytes}"
             )
         out[name] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -281,7 +345,7 @@ def parse_request(frames: Sequence[Any]) -> Request:
     if frame_bytes(frames[0]) != b"":
         raise ProtocolError("a request must start with an empty delimiter frame")
     if frame_bytes(frames[1]) != CLIENT:
-        raise ProtocolError(f"unknown protocol {frame_bytes(frames[1])[:16]!r}, expected {CLIENT!r}")
+        raise ProtocolError(f"unknown protocol {quote(frame_bytes(frames[1]), 16)}, expected \"MDPC01\"")
     model = _check_id(frame_bytes(frames[2]), "model name")
     rid = _check_id(frame_bytes(frames[3]), "request-id")
     return Request(model, rid, unpack_header(frames[4]), list(frames[5:]))
@@ -315,7 +379,7 @@ def parse_reply(frames: Sequence[Any]) -> Reply:
         raise ProtocolError("a reply must start with '', 'MDPC01'")
     status = frame_bytes(frames[4])
     if len(status) != 3 or not status.isdigit():
-        raise ProtocolError(f"status must be three ASCII digits, got {status[:8]!r}")
+        raise ProtocolError(f"status must be three ASCII digits, got {quote(status, 8)}")
     return Reply(frame_bytes(frames[2]), frame_bytes(frames[3]), status, unpack_header(frames[5]), list(frames[6:]))
 
 
@@ -438,7 +502,7 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
         raise ProtocolError("a worker message must start with '', 'MDPW01'")
     command = _COMMANDS.get(frame_bytes(frames[2]))
     if command is None:
-        raise ProtocolError(f"unknown worker command {frame_bytes(frames[2])[:8]!r}")
+        raise ProtocolError(f"unknown worker command 0x{frame_bytes(frames[2])[:8].hex()}")
     fields = list(frames[3:])
     if len(fields) < _MIN_FIELDS[command]:
         raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} fields, got {len(fields)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -82,6 +83,34 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)  # the launcher died before prctl took effect
 
 
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}")
+_FRAME_LINE = re.compile(r"^(Traceback|File |Detected at node|\[\[|\^)")
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning)\b[^:]*: ")
+_SHORT_ERROR = 200
+
+
+def short_error(exc: BaseException) -> str:
+    """What a client is told about an exception: its type and a short message without tracebacks or
+    file paths; the full text (TensorFlow's embeds tracebacks) goes to the worker's log only.
+
+    TensorFlow's "Graph execution error:" is followed by the inner error (``ValueError: ...``)
+    among stack frames: that line is kept.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line[:1].isspace() and not _FRAME_LINE.match(line.strip())]
+    first = lines[0] if lines else ""
+    if first.endswith(":"):
+        inner = next((line for line in lines[1:] if _ERROR_LINE.match(line)), None)
+        if inner is not None:
+            first = f"{first} {inner}"
+    first = _PATH.sub("<path>", first)
+    if len(first) > _SHORT_ERROR:
+        first = first[:_SHORT_ERROR] + "..."
+    more = " (details in the worker log)" if len(text.strip().splitlines()) > 1 or len(text) > _SHORT_ERROR else ""
+    return f"{type(exc).__name__}: {first}{more}" if first else f"{type(exc).__name__}{more}"
+
+
 class Worker:
     """One model replica's connection to the broker and its serve loop."""
 
@@ -144,7 +173,11 @@ class Worker:
         info = {"version": self.spec.version, "capacity": self.spec.max_batch_size,
                 "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata,
                 "batched": True}
-        self._connect().send_multipart(protocol.encode_ready(self.model_b, info))
+        # Re-registration uses the same connection: the broker's ROUTER refuses a second connection
+        # with an identity it still has (no handover), and ZeroMQ reconnects this one by itself
+        # when a broker restarts.
+        sock = self.socket if self.socket is not None else self._connect()
+        sock.send_multipart(protocol.encode_ready(self.model_b, info))
         now = time.monotonic()
         self.last_sent = now
         self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
@@ -196,12 +229,10 @@ class Worker:
                 log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
                             + self.spec.heartbeat_interval * self.liveness)
             self._reregister = False
-            poller.unregister(self.socket)
             self.pending.clear()  # the broker that sent them is gone or has retried them
             self.pending_rows = 0
             self.replies.clear()
             self._ready()
-            poller.register(self.socket, zmq.POLLIN)
 
     def _drain(self) -> None:
         rows = self.pending_rows
@@ -238,6 +269,9 @@ class Worker:
             if info.get("reconnect"):
                 log.info("broker does not know this worker (it restarted?); registering again")
                 self._reregister = True
+            elif isinstance(info.get("error"), str):
+                log.error("broker refused this worker: %s", protocol.quote(info["error"], 200))
+                self.running = False
             else:
                 log.info("broker asked this worker to disconnect")
                 self.running = False
@@ -250,7 +284,7 @@ class Worker:
                 self._reply(client, rid, protocol.OK, self.metadata)
                 return 0
             if "op" in header:
-                raise InvalidInput(f"unknown op {header['op']!r}; the only op is 'metadata'")
+                raise InvalidInput(f"unknown op {protocol.describe(header['op'])}; the only op is \"metadata\"")
             tensors = protocol.decode_tensors(header.get("inputs", []), body[1:])
             inputs = self.runner.check_inputs(tensors)
             key = self.runner.check_outputs(header.get("outputs"))
@@ -258,7 +292,9 @@ class Worker:
             self._reply_error(client, rid, exc)
             return 0
         except Exception as exc:  # building a sub-model for a layer can fail in Keras
-            self._reply_error(client, rid, ModelError(f"{type(exc).__name__}: {exc}"))
+            log.warning("model=%s could not prepare request rid=%s: %s: %s", self.spec.model, protocol.quote(rid, 32),
+                        type(exc).__name__, exc)
+            self._reply_error(client, rid, ModelError(short_error(exc)))
             return 0
         rows = inputs[0].shape[0]
         group = (key, tuple((x.dtype.str, x.shape[1:]) for x in inputs), flags == protocol.FLAG_SOLO and rid)
@@ -296,9 +332,9 @@ class Worker:
                 for item in batch:  # find the request that fails, answer the others
                     self._run_batch([item])
                 return
-            log.warning("model=%s raised on request rid=%r: %s: %s", self.spec.model, batch[0][1][:32],
+            log.warning("model=%s raised on request rid=%s: %s: %s", self.spec.model, protocol.quote(batch[0][1], 32),
                         type(exc).__name__, exc)
-            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {type(exc).__name__}: {exc}"))
+            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {short_error(exc)}"))
             return
         start = 0
         for client, rid, _, _, rows in batch:

@@ -70,6 +70,7 @@ class Pool:
         pool.setdefault("heartbeat_interval", 0.25)
         pool.setdefault("heartbeat_liveness", 8)
         pool.setdefault("drain_timeout", 20.0)
+        pool.setdefault("mmi_detail", True)  # worker_pids() reads pids from mmi.models
         self.config = write_config(self.dir / "pool.toml", models, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")
@@ -106,7 +107,7 @@ class Pool:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self, model: str | None = None) -> list[int]:
-        return [w["pid"] for m in self.client.models(timeout=5.0) if model in (None, m["name"])
+        return [w["pid"] for m in self.client.models(timeout=5.0, detail=True) if model in (None, m["name"])
                 for w in m["workers"] if w["pid"]]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:

@@ -97,7 +97,7 @@ def test_async_cancelled_requests_are_abandoned_and_later_ones_get_their_own_ans
 def test_async_errors_are_typed_and_management_calls_work(pool, models):
     async def run():
         async with AsyncClient(pool.endpoint) as client:
-            with pytest.raises(ModelNotFound, match="'nope' is not served"):
+            with pytest.raises(ModelNotFound, match='"nope" is not served'):
                 await client.predict("nope", np.ones((1, 8), "float32"))
             with pytest.raises(InvalidInput, match="got \\[2, 5\\]"):
                 await client.predict("a", np.ones((2, 5), "float32"))

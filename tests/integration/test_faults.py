@@ -119,6 +119,68 @@ def test_poison_input_gets_500_and_pool_recovers(fpool, models, magic, how):
     assert summary["crashed_requests"] >= 1 and summary["queue_depth"] == 0
 
 
+def test_poison_input_takes_no_innocent_request_with_it(fpool, models):
+    bad = np.zeros((1, 8), "float32")
+    bad[0, 0] = custom_layers.POISON_EXIT
+    innocents = [np.full((1, 8), i / 7, "float32") for i in range(12)]
+    wait_until(lambda: _replicas_ready(fpool, "poison") == 2, 120.0, 0.1, "poison replicas ready")
+
+    def call(x):
+        try:
+            return fpool.client.predict("poison", x, timeout=120.0)
+        except errors.PoolError as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as ex:
+        first = ex.submit(call, bad)
+        results = list(ex.map(call, innocents))
+    assert isinstance(first.result(), errors.WorkerCrashed)
+    for x, got in zip(innocents, results):
+        assert isinstance(got, np.ndarray), f"an innocent request failed: {got!r}"
+        np.testing.assert_allclose(got, _expected(models.keras["poison"], x), rtol=1e-5, atol=1e-5)
+
+
+def test_broker_pause_is_not_taken_for_crashes(fpool, models):
+    """SIGSTOP the launcher under load until the workers register again: nothing fails, nothing is retried."""
+    wait_until(lambda: _replicas_ready(fpool, "a") == 2, 120.0, 0.1, "replicas of a ready")
+    before = {m["name"]: m for m in fpool.client.models()}["a"]
+    x = np.full((2, 8), 0.4, "float32")
+    want = _expected(models.keras["a"], x)
+    stop = threading.Event()
+    outcomes: list = []
+
+    def load() -> None:
+        with Client(fpool.endpoint) as c:
+            while not stop.is_set():
+                try:
+                    outcomes.append(np.allclose(c.predict("a", x, timeout=60.0), want, rtol=1e-5, atol=1e-5))
+                except errors.PoolError as exc:
+                    outcomes.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        fpool.proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.5)  # workers give the broker up after 8 x 0.25 s and send READY again
+        fpool.proc.send_signal(signal.SIGCONT)
+        time.sleep(2.0)
+    finally:
+        fpool.proc.send_signal(signal.SIGCONT)
+        stop.set()
+        for t in threads:
+            t.join(90)
+    after = {m["name"]: m for m in fpool.client.models()}["a"]
+    errors_seen = [o for o in outcomes if o is not True]
+    print(f"\npause: {len(outcomes)} answers, not ok: {errors_seen[:3]}; "
+          f"retried {after['retried'] - before['retried']}")
+    assert outcomes and not errors_seen
+    assert after["retried"] == before["retried"] and after["crashed_requests"] == before["crashed_requests"]
+    assert after["replicas_ready"] == 2
+    assert "registered again" in fpool.read_log()
+
+
 def test_deadline_in_broker_queue_gives_504_and_next_request_is_not_stale(fpool, models):
     slow = np.zeros((1, 8), "float32")
     slow[0, 1] = 1.0  # the sleepy model sleeps 1 s on this batch
@@ -336,7 +398,7 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
     backend = f"tcp://127.0.0.1:{_free_port()}"
     frontend = f"ipc://{tmp_path}/front.ipc"
     spec = [{"name": "a", "path": str(models.a)}]
-    first = Pool(spec, backend=backend, frontend=frontend)
+    first = Pool(spec, backend=backend, frontend=frontend, insecure_network=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
     remote = subprocess.Popen(
         [sys.executable, "-m", "modelproc.worker", "--backend", backend, "--name", "a", "--path", str(models.a),
@@ -345,14 +407,14 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
     second = None
     try:
         def remote_ready(pool):
-            ids = [w["id"] for m in pool.client.models(timeout=2.0) for w in m["workers"]]
+            ids = [w["id"] for m in pool.client.models(timeout=2.0, detail=True) for w in m["workers"]]
             return any("remote" in i for i in ids)
 
         wait_until(lambda: remote_ready(first), 120.0, 0.2, "remote worker registered")
         first.proc.kill()  # the broker vanishes without a goodbye
         first.stop()
         assert remote.poll() is None, "the remote worker must outlive a lost broker (it waits for it)"
-        second = Pool(spec, backend=backend, frontend=frontend)
+        second = Pool(spec, backend=backend, frontend=frontend, insecure_network=True)
         started = time.monotonic()
         wait_until(lambda: remote_ready(second), 60.0, 0.1, "remote worker registered again")
         print(f"\nremote worker re-registered {time.monotonic() - started:.2f}s after the new broker was ready")

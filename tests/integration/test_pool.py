@@ -33,7 +33,7 @@ def test_two_models_two_replicas_eight_threads_never_cross(pool, models):
         got = list(ex.map(call, range(len(inputs))))
     for i, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"request {i} model {names[i]}")
-    served = {m["name"]: m for m in pool.client.models()}
+    served = {m["name"]: m for m in pool.client.models(detail=True)}
     assert served["a"]["replicas_ready"] == 2 and served["b"]["replicas_ready"] == 2
     assert all(w["pid"] for w in served["a"]["workers"] + served["b"]["workers"])
 
@@ -142,7 +142,7 @@ def test_wrong_input_names_and_unknown_output(pool):
 def test_unknown_model_lists_models(pool):
     with pytest.raises(ModelNotFound) as info:
         pool.client.predict("nope", np.ones((1, 8), "float32"))
-    assert "'nope' is not served" in str(info.value) and "a, b, h5, multi, saved" in str(info.value)
+    assert '"nope" is not served' in str(info.value) and "a, b, h5, multi, saved" in str(info.value)
     assert info.value.status == b"404"
     _ok(pool)
 

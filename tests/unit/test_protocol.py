@@ -398,10 +398,10 @@ def replace(frames: list, index: int, value: bytes) -> list:
         (replace(good_request(), 4, b"\x81\xa2op"), "not valid msgpack"),
         (replace(good_request(), 4, b"\x80\x80"), "not valid msgpack"),
         (replace(good_request(), 4, b""), "not valid msgpack"),
-        (replace(good_request(), 4, protocol.packb([1, 2])), "must be a msgpack map, got list"),
-        (replace(good_request(), 4, protocol.packb("inputs")), "must be a msgpack map, got str"),
-        (replace(good_request(), 4, protocol.packb(None)), "must be a msgpack map, got NoneType"),
-        (replace(good_request(), 4, protocol.packb(7)), "must be a msgpack map, got int"),
+        (replace(good_request(), 4, protocol.packb([1, 2])), "must be a msgpack map, got an array"),
+        (replace(good_request(), 4, protocol.packb("inputs")), "must be a msgpack map, got a string"),
+        (replace(good_request(), 4, protocol.packb(None)), "must be a msgpack map, got nil"),
+        (replace(good_request(), 4, protocol.packb(7)), "must be a msgpack map, got an integer"),
     ],
 )
 def test_malformed_request_raises_protocol_error(frames, match):

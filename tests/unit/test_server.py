@@ -136,3 +136,23 @@ def test_messages_queued_between_requests_keep_their_order(rig):
     assert [m.command for m in messages] == [Command.REQUESTS, Command.HEARTBEAT, Command.REQUEST]
     assert [rid for _, rid, _, _ in messages[0].fields] == [b"r1", b"r2"]
     assert messages[2].fields[2:4] == [b"r3", b"S"]
+
+
+def test_a_second_peer_with_a_registered_identity_gets_nothing_meant_for_the_first(rig):
+    broker, connect, config = rig
+    worker = _register(broker, connect, config, b"w1", batched=False)
+    impostor = connect(zmq.DEALER, config.backend, b"w1")  # with ROUTER_HANDOVER it would take over
+    impostor.send_multipart(protocol.encode_ready("m", {"version": "1", "capacity": 16, "pid": 2}))
+    time.sleep(0.3)
+    if broker.backend.poll(200):
+        broker._drain_backend()
+    client = connect(zmq.DEALER, config.frontend, b"c1")
+    _send_requests(broker, client, 3)
+    assert [m.command for m in _worker_messages(worker)] == [Command.REQUEST] * 3
+    assert not impostor.poll(300)
+    # and a second client presenting c1's identity gets none of c1's replies
+    thief = connect(zmq.DEALER, config.frontend, b"c1")
+    time.sleep(0.2)
+    broker.state.outbox_clients.append([b"c1", b"", *protocol.encode_error(b"m", b"r0", protocol.ProtocolError("x"))])
+    broker._flush()
+    assert client.poll(2000) and not thief.poll(300)
