@@ -14,7 +14,8 @@ Tensor names, for every Keras form (``.keras`` and ``.h5``), come from the publi
   last layer; for a nested model used last: the nested model's name), else ``output_<i>``;
 - a subclassed model (no graph) is served when it is built and can be called on a ``keras.Input``:
   its input is ``input`` (``input_<i>`` for several) and its outputs ``output_<i>``, as
-  ``model.export()`` names them; it has no intermediate layers.
+  ``model.export()`` names them, its input dtype is the model's ``input_dtype`` (float32 unless set),
+  and it has no intermediate layers.
 
 Any layer of the outer model (``model.layers``, nested models included as one layer) can be asked
 for by name in ``outputs``; each distinct ``outputs`` list builds a sub-model, and the most recently
@@ -119,11 +120,16 @@ class Runner:
         self.inputs = [_spec(name, spec.dtype, spec.shape) for name, spec in sorted(kwargs.items())]
         self.outputs = [_spec(name, spec.dtype, spec.shape) for name, spec in sorted(fn.structured_outputs.items())]
         names = [s.name for s in self.inputs]
+        signature = [tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in self.inputs]
 
-        def call(*xs: Any) -> dict:
+        @tf.autograph.experimental.do_not_convert
+        def call(*xs: tf.Tensor) -> dict:
             return fn(**dict(zip(names, xs)))
 
-        self._functions[()] = (call, self.outputs)
+        # positional, so that the flat call (and its check against this one) applies as for Keras models
+        concrete = tf.function(call, input_signature=signature).get_concrete_function()
+        self._functions[()] = (_fast_call(concrete, [(s.shape, s.dtype) for s in self.inputs]) or concrete,
+                               self.outputs)
 
     def warm_up(self) -> None:
         """Run every bucket once so that no request pays a first-call cost."""
@@ -238,7 +244,8 @@ class Runner:
         try:
             tensor = layer.output
         except (AttributeError, ValueError):  # never called on symbolic inputs
-            raise InvalidInput(f"layer {name!r} has no output in this model's graph; model outputs are {known}") from None
+            raise InvalidInput(f"layer {name!r} has no output in this model's graph; "
+                               f"model outputs are {known}") from None
         if isinstance(tensor, (list, tuple, dict)):
             raise InvalidInput(f"layer {name!r} has several outputs; only single-output layers can be asked "
                                f"for by name (model outputs are {known})")
@@ -323,9 +330,9 @@ def _load_error(exc: Exception, platform: str, imports: tuple) -> Exception:
     advice = (f"To serve a model with custom classes (custom layers, subclassed models), decorate each class with "
               f"@keras.saving.register_keras_serializable() and list the module that defines it in this model's "
               f"`imports` (imported now: {list(imports)}); or serve a SavedModel made with model.export(path).")
-    if platform == "keras_h5":
-        advice += (" If the unknown name is a Keras op (e.g. NotEqual, from Embedding(mask_zero=True) in a functional "
-                   "model), Keras cannot read this legacy .h5 file back itself: save the model as .keras instead.")
+    if platform == "keras_h5":  # Keras 3 writes these to .h5 but cannot read them back, registered or not
+        advice += (" Keras cannot read a subclassed model, or a functional model with a mask op such as NotEqual "
+                   "(from Embedding(mask_zero=True)), back from a legacy .h5 file: save the model as .keras instead.")
     return ValueError(f"{message} {advice}")
 
 
@@ -335,15 +342,16 @@ def _graph(model: Any, path: str) -> tuple[list, list]:
 
     try:
         return list(model.inputs), list(model.outputs)
-    except AttributeError:  # a subclassed model: no graph of its own
+    except AttributeError:  # a subclassed model (or an unbuilt Sequential): no graph of its own
         pass
     hint = ("register the class with @keras.saving.register_keras_serializable(), list its module in `imports`, "
             "or serve a SavedModel made with model.export(path) instead")
     build = model.get_build_config() if model.built else None
     shape = (build or {}).get("input_shape")
     if not shape or not all(isinstance(d, (int, type(None))) for d in shape):
-        raise ValueError(f"{path}: {type(model).__name__} is a subclassed model saved without one known input shape "
-                         f"(build config {build}); call it once on a batch before saving, or {hint}")
+        raise ValueError(f"{path}: {type(model).__name__} has no graph of its own (a subclassed model, or a Sequential "
+                         f"never built) and was saved without one known input shape (build config {build}); call it "
+                         f"once on a batch before saving, or {hint}")
     inp = keras.Input(batch_shape=(None, *shape[1:]), dtype=model.input_dtype, name="input")
     try:
         out = model(inp)
