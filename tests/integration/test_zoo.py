@@ -85,7 +85,8 @@ def _text(keras):
 
 
 def _text_sequential(keras):
-    return keras.Sequential([keras.Input((10,), dtype="int32"), keras.layers.Embedding(40, 4, name="embedding"),
+    # variable-length token ids, no name for the input
+    return keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(40, 4, name="embedding"),
                              keras.layers.GlobalAveragePooling1D(name="pool"), keras.layers.Dense(2, name="logits")])
 
 
@@ -315,3 +316,14 @@ def test_a_file_keras_cannot_load_back_fails_at_start_saying_what_to_do(zoo, nam
     with pytest.raises(ValueError, match=unknown) as err:
         Runner(str(path), max_batch_size=2, imports=("custom_layers",))
     assert "save the model as .keras" in str(err.value)
+
+
+def test_variable_length_token_ids_answer_at_every_length(zoo):
+    pool = _served(zoo, "textseq_keras")
+    meta = pool.client.metadata("textseq_keras")
+    assert meta["inputs"][0]["shape"] == [-1, -1] and meta["inputs"][0]["datatype"] == "INT32"
+    model = zoo[0]["textseq"].model
+    for length in (3, 17):
+        ids = np.random.default_rng(length).integers(0, 40, (2, length)).astype("int32")
+        got = pool.client.infer("textseq_keras", {meta["inputs"][0]["name"]: ids})["logits"]
+        np.testing.assert_allclose(got, np.asarray(model(ids)), rtol=0, atol=ATOL)
