@@ -10,8 +10,9 @@ Tensor names, for every Keras form (``.keras`` and ``.h5``), come from the publi
   model's one input is named after its InputLayer: the name given to ``keras.Input(..., name=...)``,
   else the name Keras saved (``input_layer``, ``input_layer_1``, ... in Keras 3);
 - outputs: the keys of ``model.output`` when the model was built with a dict of outputs, else the name
-  of the layer in ``model.layers`` that produces each ``model.outputs`` tensor (for Sequential: its
-  last layer; for a nested model used last: the nested model's name), else ``output_<i>``;
+  of the layer in ``model.layers`` (or the op in a functional model's ``operations``) that produces
+  each ``model.outputs`` tensor, as Keras's own ``output_names`` (for Sequential: its last layer; for
+  a nested model used last: the nested model's name), else ``output_<i>``;
 - a subclassed model (no graph) is served when it is built and can be called on a ``keras.Input``:
   its input is ``input`` (``input_<i>`` for several) and its outputs ``output_<i>``, as
   ``model.export()`` names them, its input dtype is the model's ``input_dtype`` (float32 unless set),
@@ -392,13 +393,14 @@ def _output_names(model: Any, outputs: list) -> list[str]:
         return keys
     producers: dict[int, str] = {}
     if hasattr(model, "inputs"):  # a subclassed model's layers have no symbolic outputs
-        for layer in model.layers:
+        # a functional model's `operations` also holds ops (x * 2, keras.ops.softmax) that end a model
+        for op in getattr(model, "operations", None) or model.layers:
             try:
-                produced = layer.output
+                produced = op.output
             except (AttributeError, ValueError):
                 continue
             for tensor in (produced if isinstance(produced, (list, tuple)) else [produced]):
-                producers.setdefault(id(tensor), layer.name)
+                producers.setdefault(id(tensor), op.name)
     return _unique([producers.get(id(t), f"output_{i}") for i, t in enumerate(outputs)])
 
 

@@ -100,3 +100,18 @@ def test_sequential_input_is_its_input_layer_and_output_its_last_layer(tmp_path,
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 2]}]
     meta = runner_module.Runner(str(tmp_path / "unnamed.h5"), max_batch_size=2).metadata("m", "1")
     assert meta["inputs"][0]["name"].startswith("input_layer") and meta["outputs"][0]["name"] == "scores"
+
+
+def test_functional_output_names_are_keras_output_names_even_for_ops(tmp_path, runner_module, rng):
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    hidden = keras.layers.Dense(3, name="d")(inp)
+    model = keras.Model(inp, [keras.ops.softmax(hidden * 2.0), hidden + 1.0])  # outputs made by ops, not layers
+    model.save(tmp_path / "ops.keras")
+    r = runner_module.Runner(str(tmp_path / "ops.keras"), max_batch_size=4)
+    assert [s.name for s in r.outputs] == keras.models.load_model(tmp_path / "ops.keras").output_names
+    assert [s.name for s in r.outputs] == ["softmax", "add"]
+    x = _inputs(rng, 3, (4,))[0]
+    for (_, got), want in zip(r.run([x], ()), model(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

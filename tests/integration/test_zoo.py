@@ -266,6 +266,18 @@ def test_dict_models_use_their_keys_and_others_the_input_and_layer_names(zoo):
     assert names["textseq_h5"][1] == ["logits"]
 
 
+@pytest.mark.parametrize("name", ["functional", "nested", "multi", "text", "custom", "app"])
+def test_functional_output_names_are_the_ones_keras_gives(zoo, name):
+    import keras
+
+    form = zoo[0][name]
+    for fmt in form.formats:
+        meta = _served(zoo, f"{name}_{fmt}").client.metadata(f"{name}_{fmt}")
+        loaded = keras.models.load_model(form.paths[fmt], compile=False)
+        assert [t["name"] for t in meta["outputs"]] == loaded.output_names
+        assert [t["name"] for t in meta["inputs"]] == [t.name for t in loaded.inputs]
+
+
 def test_outputs_naming_one_tensor_twice_is_invalid_input(zoo):
     pool = _served(zoo, "seq_keras", "dict_keras")
     x = {"pixels": np.ones((1, 8), "float32")}
