@@ -51,3 +51,38 @@ class Sleep(keras.layers.Layer):
         y = tf.numpy_function(_sleep, [x], x.dtype, stateful=True)
         y.set_shape(x.shape)
         return y
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class Scale(keras.layers.Layer):
+    """Learned per-feature scale plus a constant offset: a custom layer with weights and a config."""
+
+    def __init__(self, offset: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.offset = offset
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="random_normal", name="gamma")
+
+    def call(self, x):
+        return x * self.gamma + self.offset
+
+    def get_config(self):
+        return {**super().get_config(), "offset": self.offset}
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class TinySubclassed(keras.Model):
+    """A subclassed model (no functional graph), registered so that a worker importing this loads it."""
+
+    def __init__(self, units: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(6, activation="relu", name="hidden")
+        self.head = keras.layers.Dense(units, name="head")
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}

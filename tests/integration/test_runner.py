@@ -62,3 +62,56 @@ def test_public_call_is_kept_when_the_flat_call_disagrees(models, runner_module,
     x = np.ones((2, 8), "float32")
     (_, y), = r.run([x], ())
     np.testing.assert_allclose(y, models.keras["a"].predict_on_batch(x), rtol=1e-6, atol=1e-6)
+
+
+def test_sub_model_cache_keeps_the_most_recently_used_and_always_the_full_output(models, runner_module, rng):
+    r = runner_module.Runner(str(models.a), max_batch_size=4, output_cache_size=2)
+    x = _inputs(rng, 2, (8,))[0]
+    first = r.check_outputs(["hidden"])
+    r.check_outputs(["y", "hidden"])
+    assert r.check_outputs(["hidden"]) == first  # used again: now the most recent
+    r.check_outputs(["hidden", "y"])  # a third list: evicts ("y", "hidden"), the least recently used
+    assert list(r._functions) == [(), ("hidden",), ("hidden", "y")]
+    (_, y), (_, hidden) = r.run([x], ("y", "hidden"))  # evicted since its check: built again
+    assert hidden.shape == (2, 16) and len(r._functions) == 3 and () in r._functions
+    np.testing.assert_allclose(y, models.keras["a"].predict_on_batch(x), rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_naming_a_tensor_twice_are_invalid_input(models, runner_module):
+    from client.errors import InvalidInput
+
+    r = runner_module.Runner(str(models.a), max_batch_size=4)
+    for outputs in (["hidden", "hidden"], ["y", "y"]):
+        with pytest.raises(InvalidInput, match="more than once"):
+            r.check_outputs(outputs)
+    assert list(r._functions) == [()]
+
+
+def test_sequential_input_is_its_input_layer_and_output_its_last_layer(tmp_path, runner_module):
+    import keras
+
+    keras.Sequential([keras.Input((5,), name="features"), keras.layers.Dense(3, name="hidden"),
+                      keras.layers.Dense(2, name="scores")]).save(tmp_path / "named.keras")
+    unnamed = keras.Sequential([keras.layers.Dense(3), keras.layers.Dense(2, name="scores")])
+    unnamed.build((None, 5))
+    unnamed.save(tmp_path / "unnamed.h5")
+    meta = runner_module.Runner(str(tmp_path / "named.keras"), max_batch_size=2).metadata("m", "1")
+    assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 5]}]
+    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 2]}]
+    meta = runner_module.Runner(str(tmp_path / "unnamed.h5"), max_batch_size=2).metadata("m", "1")
+    assert meta["inputs"][0]["name"].startswith("input_layer") and meta["outputs"][0]["name"] == "scores"
+
+
+def test_functional_output_names_are_keras_output_names_even_for_ops(tmp_path, runner_module, rng):
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    hidden = keras.layers.Dense(3, name="d")(inp)
+    model = keras.Model(inp, [keras.ops.softmax(hidden * 2.0), hidden + 1.0])  # outputs made by ops, not layers
+    model.save(tmp_path / "ops.keras")
+    r = runner_module.Runner(str(tmp_path / "ops.keras"), max_batch_size=4)
+    assert [s.name for s in r.outputs] == keras.models.load_model(tmp_path / "ops.keras").output_names
+    assert [s.name for s in r.outputs] == ["softmax", "add"]
+    x = _inputs(rng, 3, (4,))[0]
+    for (_, got), want in zip(r.run([x], ()), model(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
