@@ -127,7 +127,8 @@ class ModelEntry:
     metadata: dict | None = None
     version: str = ""
     served: int = 0
-    errors: int = 0
+    errors: int = 0  # answered 5xx: the model raised, crashed, timed out or was unavailable
+    client_errors: int = 0  # answered 4xx: bad requests and 429s are not the model's failures
     retried: int = 0
     crashed: int = 0
 
@@ -138,6 +139,13 @@ class ModelEntry:
     @property
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
+
+    def failed_with(self, status: bytes) -> None:
+        """Count one request answered with an error status, client (4xx) or server (5xx) side."""
+        if status[:1] == b"4":
+            self.client_errors += 1
+        else:
+            self.errors += 1
 
     def summary(self, detail: bool = False) -> dict:
         """The model's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
@@ -155,6 +163,7 @@ class ModelEntry:
             "in_flight": self.in_flight,
             "served": self.served,
             "errors": self.errors,
+            "client_errors": self.client_errors,
             "retried": self.retried,
             "crashed_requests": self.crashed,
             "load_error": self.load_error,
@@ -282,7 +291,7 @@ class PoolState:
         size = sum(len(f) for f in body)
         error = self._admission_error(entry, header, size)
         if error is not None:
-            entry.errors += 1
+            entry.failed_with(error.status)
             self._reply_error(client, model, rid, error)
             return
         timeout_ms = header.get("timeout_ms")
@@ -490,7 +499,7 @@ class PoolState:
         if status == protocol.OK:
             entry.served += 1
         else:
-            entry.errors += 1
+            entry.failed_with(status)
         self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *body])
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
@@ -615,7 +624,7 @@ class PoolState:
         key = (pending.client, pending.rid)
         if key in worker.inflight:
             self._done(entry, pending)
-            entry.errors += 1
+            entry.client_errors += 1
             self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
                 "request-id is already in flight from this client; use a new id for every request"))
             return False
@@ -640,7 +649,7 @@ class PoolState:
             if pending.where is QUEUED:
                 self._done(entry, pending)
                 entry.queued -= 1
-                entry.errors += 1
+                entry.failed_with(error.status)
                 self._reply_error(pending.client, pending.model, pending.rid, error)
 
     def tick(self) -> None:

@@ -302,6 +302,21 @@ def test_error_reply_from_worker_reaches_client_typed(clock):
     assert state.models[b"m"].errors == 1 and state.models[b"m"].in_flight == 0
 
 
+def test_bad_requests_are_counted_apart_from_model_failures(clock):
+    """`modelpool status` must not show a client's bad requests as the model failing."""
+    state = make_state(clock)
+    state.add_model("m", max_queue=1, version="1")
+    ready(state, W1, "m")
+    infer(state, ALICE, "m", b"1")
+    infer(state, ALICE, "m", b"2")  # waits: the only worker is busy
+    infer(state, ALICE, "m", b"3")  # 429: the queue of one is full
+    request(state, ALICE, "m", b"4", {"timeout_ms": "soon"})  # 400
+    reply(state, W1, ALICE, b"1", b"400", {"error": {"type": "InvalidInput", "message": "wrong shape"}})
+    reply(state, W1, ALICE, b"2", b"500", {"error": {"type": "ModelError", "message": "boom"}})
+    summary = state.models[b"m"].summary()
+    assert (summary["client_errors"], summary["errors"], summary["served"]) == (3, 1, 0)
+
+
 def test_reply_for_unknown_request_is_dropped(clock):
     state = make_state(clock, "m")
     ready(state, W1, "m", capacity=1)
