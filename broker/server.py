@@ -18,11 +18,11 @@ from typing import Callable
 
 import zmq
 
-from broker.config import PoolConfig
-from broker.state import PoolState
-from broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
-from client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests, quote
-from client.transport import recv_frames, send_frames
+from modelpool.broker.config import PoolConfig
+from modelpool.broker.state import PoolState
+from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
+from modelpool.client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests, quote
+from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 

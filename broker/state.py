@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from broker.logutil import LogLimiter
-from client import protocol
-from client.errors import (
+from modelpool.broker.logutil import LogLimiter
+from modelpool.client import protocol
+from modelpool.client.errors import (
     InvalidInput,
     ModelNotFound,
     NotSupported,
@@ -28,7 +28,7 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from client.protocol import CLIENT, describe, quote
+from modelpool.client.protocol import CLIENT, describe, quote
 
 log = logging.getLogger(__name__)
 

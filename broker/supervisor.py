@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Callable
 
-from broker.config import ModelConfig, PoolConfig, default_threads
-from modelproc.spec import WorkerSpec
+from modelpool.broker.config import ModelConfig, PoolConfig, default_threads
+from modelpool.modelproc.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Supervisor:
         return counts
 
     def _start(self, slot: Slot) -> None:
-        from modelproc.worker import main as worker_main  # TensorFlow-free module
+        from modelpool.modelproc.worker import main as worker_main  # TensorFlow-free module
 
         slot.generation += 1
         slot.identity = f"{slot.model.name}/{slot.index}/{slot.generation}".encode()

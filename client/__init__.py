@@ -1,7 +1,7 @@
 """modelpool client library: talk to a pool from Python (no TensorFlow needed)."""
 from __future__ import annotations
 
-from client.errors import (
+from modelpool.client.errors import (
     InvalidInput,
     ModelError,
     ModelNotFound,
@@ -13,8 +13,8 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from client.aio import AsyncClient
-from client.sync import Client
+from modelpool.client.aio import AsyncClient
+from modelpool.client.sync import Client
 
 __all__ = [
     "AsyncClient",

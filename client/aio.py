@@ -21,8 +21,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from client import protocol
-from client.base import (
+from modelpool.client import protocol
+from modelpool.client.base import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
@@ -43,7 +43,7 @@ from client.base import (
     track_forks,
     wanted_outputs,
 )
-from client.errors import PoolError, ProtocolError, RequestTimeout
+from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zmq
 
-from client import protocol
-from client.errors import InvalidInput, ModelNotFound, PoolError, ProtocolError, RequestTimeout, Unavailable
+from modelpool.client import protocol
+from modelpool.client.errors import InvalidInput, ModelNotFound, PoolError, ProtocolError, RequestTimeout, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-from client.errors import PoolError, ProtocolError, error_from_wire
+from modelpool.client.errors import PoolError, ProtocolError, error_from_wire
 
 CLIENT = b"MDPC01"
 WORKER = b"MDPW01"

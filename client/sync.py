@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import zmq
 
-from client import protocol
-from client.base import (
+from modelpool.client import protocol
+from modelpool.client.base import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
@@ -52,8 +52,8 @@ from client.base import (
     track_forks,
     wanted_outputs,
 )
-from client.errors import PoolError, ProtocolError, RequestTimeout
-from client.transport import REPLY_TENSORS, recv_frames, send_frames
+from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout
+from modelpool.client.transport import REPLY_TENSORS, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 

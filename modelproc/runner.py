@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from client.errors import InvalidInput
-from client.protocol import datatype_of
+from modelpool.client.errors import InvalidInput
+from modelpool.client.protocol import datatype_of
 
 log = logging.getLogger(__name__)
 

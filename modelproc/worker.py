@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from client import protocol
-from client.errors import InvalidInput, ModelError, PoolError, ProtocolError
-from client.protocol import Command
-from client.transport import recv_frames, send_frames
-from modelproc.spec import WorkerSpec
+from modelpool.client import protocol
+from modelpool.client.errors import InvalidInput, ModelError, PoolError, ProtocolError
+from modelpool.client.protocol import Command
+from modelpool.client.transport import recv_frames, send_frames
+from modelpool.modelproc.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Worker:
 
         tf.config.threading.set_intra_op_parallelism_threads(self.spec.intra_threads)
         tf.config.threading.set_inter_op_parallelism_threads(self.spec.inter_threads)
-        from modelproc.runner import Runner
+        from modelpool.modelproc.runner import Runner
 
         runner = Runner(self.spec.path, max_batch_size=self.spec.max_batch_size,
                         pad_to_bucket=self.spec.pad_to_bucket, imports=self.spec.imports)
@@ -377,15 +377,10 @@ class Worker:
 
 
 
-def standalone(argv: list[str] | None = None) -> int:
-    """A worker started by hand (or an orchestrator) that registers with a broker's backend over TCP."""
-    import argparse
-    import socket
-
-    parser = argparse.ArgumentParser(prog="modelpool worker", description="Serve one model replica for a "
-                                     "remote modelpool broker: connect to its backend and register.")
+def add_arguments(parser: Any) -> None:
+    """The `modelpool worker` options (an argparse parser)."""
     parser.add_argument("--backend", required=True, help="broker backend endpoint, e.g. tcp://10.0.0.5:5556")
-    parser.add_argument("--name", required=True, help="model name clients use")
+    parser.add_argument("--name", required=True, help="model name clients use (the pool's config must name it)")
     parser.add_argument("--path", required=True, help=".keras, .h5 or SavedModel directory")
     parser.add_argument("--version", default="1")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -398,7 +393,12 @@ def standalone(argv: list[str] | None = None) -> int:
     parser.add_argument("--orphan-timeout", type=float, default=300.0,
                         help="exit after this many seconds without a broker (0 = never)")
     parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+
+
+def run_standalone(args: Any) -> int:
+    """A worker started by hand (or an orchestrator) that registers with a broker's backend over TCP."""
+    import socket
+
     threads = args.threads or len(os.sched_getaffinity(0))
     identity = f"{args.name}/remote-{socket.gethostname()}-{os.getpid()}".encode()[: protocol.MAX_ID_BYTES]
     main(WorkerSpec(
@@ -409,7 +409,3 @@ def standalone(argv: list[str] | None = None) -> int:
         orphan_timeout=args.orphan_timeout, log_level=args.log_level,
     ))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(standalone())

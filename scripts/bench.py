@@ -47,9 +47,9 @@ if str(REPO) not in sys.path:  # `python scripts/bench.py` puts scripts/ first, 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from client import Client  # noqa: E402
-from client import protocol  # noqa: E402
-from client.transport import REPLY_TENSORS, recv_frames, send_frames  # noqa: E402
+from modelpool.client import Client  # noqa: E402
+from modelpool.client import protocol  # noqa: E402
+from modelpool.client.transport import REPLY_TENSORS, recv_frames, send_frames  # noqa: E402
 
 SYSTEMS = ("direct", "threadpool", "modelpool-1", "modelpool-2", "ray-serve-2")
 WORKLOADS = ("tiny", "cnn")
@@ -392,7 +392,7 @@ async def _nothing() -> None:
 def async_client_class() -> Any:
     """client.aio.AsyncClient when this checkout has it, else None."""
     try:
-        from client.aio import AsyncClient
+        from modelpool.client.aio import AsyncClient
     except ImportError:
         return None
     return AsyncClient
@@ -499,7 +499,7 @@ class PoolProcess:
         self._log = open(self.log_path, "w")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.modelpool", "serve", "-c", str(cfg)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelpool", "serve", "-c", str(cfg)],
                                      cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.client = Client(self.endpoint, timeout=10.0)
@@ -897,7 +897,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, info: dict, vers: dict, 
            "- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
            f"- Each point: {args.warmup:g} s warm-up, then {args.seconds:g} s measured; latency is from send to "
            "reply; one sample per request.",
-           f"- modelpool: launched with `python -m scripts.modelpool serve -c pool.toml`, ipc:// frontend, "
+           f"- modelpool: launched with `python -m modelpool serve -c pool.toml`, ipc:// frontend, "
            f"max_batch_size {' / '.join(f'{k} {v}' for k, v in args.max_batch.items() if k in args.workloads)}, "
            f"max_delay_ms {args.max_delay_ms:g}, pad_to_bucket "
            f"{str(args.pad_to_bucket).lower()}; sequential rows use a blocking `Client.predict`, in-flight rows "

@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from client import AsyncClient, Client
-from modelproc.demo import load_samples
+from modelpool.client import AsyncClient, Client
+from modelpool.modelproc.demo import load_samples
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "digits"
@@ -35,7 +35,7 @@ class DemoPool:
         self.frontend = frontend
         self.log = tempfile.NamedTemporaryFile("w+", prefix="client-bench-", suffix=".log", delete=False)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "-1"))
-        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.modelpool", "serve", "--demo", "--frontend", frontend],
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelpool", "serve", "--demo", "--frontend", frontend],
                                      cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready(ready_timeout)

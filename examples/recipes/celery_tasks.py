@@ -7,7 +7,7 @@ import os
 
 from celery import Celery
 
-from client import Client
+from modelpool import Client
 
 ENDPOINT = os.environ.get("MODELPOOL_ENDPOINT", "tcp://127.0.0.1:5555")
 MODEL = os.environ.get("MODELPOOL_MODEL", "digits")

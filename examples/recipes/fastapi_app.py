@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from client import AsyncClient, PoolError
+from modelpool import AsyncClient, PoolError
 
 ENDPOINT = os.environ.get("MODELPOOL_ENDPOINT", "tcp://127.0.0.1:5555")
 MODEL = os.environ.get("MODELPOOL_MODEL", "digits")

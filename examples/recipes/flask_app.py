@@ -7,7 +7,7 @@ import os
 
 from flask import Flask, jsonify, request
 
-from client import Client, PoolError
+from modelpool import Client, PoolError
 
 ENDPOINT = os.environ.get("MODELPOOL_ENDPOINT", "tcp://127.0.0.1:5555")
 MODEL = os.environ.get("MODELPOOL_MODEL", "digits")

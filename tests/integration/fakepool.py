@@ -83,7 +83,7 @@ class EchoWorker(threading.Thread):
     def __init__(self, endpoint: str, model: str = "m", identity: bytes = b"echo/0", capacity: int = 4,
                  heartbeat: float = 0.5) -> None:
         super().__init__(daemon=True)
-        from client import protocol
+        from modelpool.client import protocol
 
         self.protocol = protocol
         self.endpoint, self.model, self.identity = endpoint, model, identity
@@ -125,8 +125,8 @@ class EchoWorker(threading.Thread):
 
 
 def main(config_path: str) -> int:
-    from broker import config as pool_config
-    from broker.server import Broker
+    from modelpool.broker import config as pool_config
+    from modelpool.broker.server import Broker
 
     cfg = pool_config.load(config_path)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,

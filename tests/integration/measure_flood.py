@@ -19,7 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import zmq  # noqa: E402
 
-from client import protocol  # noqa: E402
+from modelpool.client import protocol  # noqa: E402
 from fakepool import FakePool  # noqa: E402
 
 

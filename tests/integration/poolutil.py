@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from client import Client
+from modelpool.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -77,7 +77,7 @@ class Pool:
         self._final_log: str | None = None  # kept by stop(), which removes the directory
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), TF_CPP_MIN_LOG_LEVEL="2")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.modelpool", "serve", "-c", str(self.config)],
+            [sys.executable, "-m", "modelpool", "serve", "-c", str(self.config)],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.client = Client(self.endpoint, timeout=30.0)

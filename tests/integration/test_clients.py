@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from client import AsyncClient, Client, InvalidInput, ModelNotFound, NotSupported, RequestTimeout, protocol
-from client.base import header_or_raise
+from modelpool.client import AsyncClient, Client, InvalidInput, ModelNotFound, NotSupported, RequestTimeout, protocol
+from modelpool.client.base import header_or_raise
 from poolutil import Pool
-from scripts import modelpool as cli
+from modelpool import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

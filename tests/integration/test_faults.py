@@ -15,7 +15,7 @@ import pytest
 import zmq
 from poolutil import Pool, process_alive, wait_until
 
-from client import Client, errors, protocol
+from modelpool.client import Client, errors, protocol
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -401,7 +401,7 @@ def test_remote_worker_reregisters_when_broker_comes_back(models, tmp_path):
     first = Pool(spec, backend=backend, frontend=frontend, insecure_network=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
     remote = subprocess.Popen(
-        [sys.executable, "-m", "modelproc.worker", "--backend", backend, "--name", "a", "--path", str(models.a),
+        [sys.executable, "-m", "modelpool", "worker", "--backend", backend, "--name", "a", "--path", str(models.a),
          "--heartbeat-interval", "0.25", "--heartbeat-liveness", "8", "--orphan-timeout", "120", "--threads", "1"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = None

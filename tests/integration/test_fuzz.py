@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zmq
 
-from client import protocol
-from client.protocol import Command
+from modelpool.client import protocol
+from modelpool.client.protocol import Command
 from fakepool import EchoWorker, FakePool
 from poolutil import wait_until
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from client import Client, InvalidInput, ModelNotFound, NotSupported, ProtocolError, errors, protocol
+from modelpool.client import Client, InvalidInput, ModelNotFound, NotSupported, ProtocolError, errors, protocol
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -151,7 +151,7 @@ def test_unknown_mmi_service_is_501(pool):
     with Client(pool.endpoint) as c:
         rid, frames = c._builder.request("mmi.nothing", {})
         with pytest.raises(NotSupported):
-            from client.base import header_or_raise
+            from modelpool.client.base import header_or_raise
 
             header_or_raise(c._roundtrip(rid, frames, 5.0))
     _ok(pool)

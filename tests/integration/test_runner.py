@@ -9,7 +9,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def runner_module():
-    from modelproc import runner
+    from modelpool.modelproc import runner
 
     return runner
 
@@ -78,7 +78,7 @@ def test_sub_model_cache_keeps_the_most_recently_used_and_always_the_full_output
 
 
 def test_outputs_naming_a_tensor_twice_are_invalid_input(models, runner_module):
-    from client.errors import InvalidInput
+    from modelpool.client.errors import InvalidInput
 
     r = runner_module.Runner(str(models.a), max_batch_size=4)
     for outputs in (["hidden", "hidden"], ["y", "y"]):

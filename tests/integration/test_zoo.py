@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from poolutil import Pool, wait_until
 
-from client.errors import InvalidInput
+from modelpool.client.errors import InvalidInput
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -297,7 +297,7 @@ def test_subclassed_model_has_no_intermediate_layers(zoo):
 def test_unregistered_subclassed_model_fails_at_start_saying_what_to_do(tmp_path):
     import keras
 
-    from modelproc.runner import Runner
+    from modelpool.modelproc.runner import Runner
 
     class Unregistered(keras.Model):
         def __init__(self, **kwargs):
@@ -320,7 +320,7 @@ def test_unregistered_subclassed_model_fails_at_start_saying_what_to_do(tmp_path
 def test_a_file_keras_cannot_load_back_fails_at_start_saying_what_to_do(zoo, name, fmt, unknown):
     import keras
 
-    from modelproc.runner import Runner
+    from modelpool.modelproc.runner import Runner
 
     path = zoo[0][name].paths[fmt]
     with pytest.raises(Exception, match=unknown):  # if Keras learns to, serve this form in the pool instead

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import zmq
 
-from client import protocol
-from client.errors import InvalidInput
-from modelproc.spec import WorkerSpec
-from modelproc.worker import Worker
+from modelpool.client import protocol
+from modelpool.client.errors import InvalidInput
+from modelpool.modelproc.spec import WorkerSpec
+from modelpool.modelproc.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from client import InvalidInput, ModelNotFound, RequestTimeout
-from client.base import DEFAULT_ENDPOINT
-from scripts import modelpool
+from modelpool.client import InvalidInput, ModelNotFound, RequestTimeout
+from modelpool.client.base import DEFAULT_ENDPOINT
+from modelpool import cli as modelpool
 
 MODELS = [
     {"name": "digits", "version": "1", "replicas_ready": 2, "replicas_starting": 0, "replicas_failed": 0,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import DEFAULT_FRONTEND, ConfigError, ModelConfig, PoolConfig, default_threads, from_dict, load
+from modelpool.broker.config import DEFAULT_FRONTEND, ConfigError, ModelConfig, PoolConfig, default_threads, from_dict, load
 
 
 @pytest.fixture
@@ -303,7 +303,7 @@ def test_bad_pool_ints(models_dir, key):
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555"])
 def test_non_loopback_bind_needs_an_explicit_opt_in(tmp_path, endpoint):
-    from broker.config import ConfigError, ModelConfig, PoolConfig
+    from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig
 
     model_file = tmp_path / "m.keras"
     model_file.write_bytes(b"x")

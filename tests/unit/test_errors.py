@@ -5,8 +5,8 @@ import inspect
 
 import pytest
 
-from client import errors
-from client.errors import ERROR_TYPES, STATUS_TYPES, PoolError, error_from_wire
+from modelpool.client import errors
+from modelpool.client.errors import ERROR_TYPES, STATUS_TYPES, PoolError, error_from_wire
 
 DEFINED = [
     obj

@@ -11,8 +11,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from client import protocol
-from client.errors import InvalidInput, Overloaded, ProtocolError, RequestTimeout, Unavailable
+from modelpool.client import protocol
+from modelpool.client.errors import InvalidInput, Overloaded, ProtocolError, RequestTimeout, Unavailable
 from test_state import ALICE, W1, Clock, client_out, dispatched, infer, make_state, only_error, ready, reply, worker_out
 
 pytestmark = pytest.mark.timeout(30)
@@ -175,8 +175,8 @@ def test_total_bytes_bound_answers_503_and_expired_requests_release_their_bytes(
 
 
 def test_socket_hwm_is_sized_from_the_byte_bound(tmp_path):
-    from broker.config import ModelConfig, PoolConfig
-    from broker.server import socket_hwm
+    from modelpool.broker.config import ModelConfig, PoolConfig
+    from modelpool.broker.server import socket_hwm
 
     (tmp_path / "m.keras").write_bytes(b"")
     model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
@@ -186,7 +186,7 @@ def test_socket_hwm_is_sized_from_the_byte_bound(tmp_path):
 
 
 def test_queued_bytes_smaller_than_one_message_is_a_config_error(tmp_path):
-    from broker.config import ConfigError, ModelConfig, PoolConfig
+    from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig
 
     (tmp_path / "m.keras").write_bytes(b"")
     model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
@@ -198,7 +198,7 @@ def test_queued_bytes_smaller_than_one_message_is_a_config_error(tmp_path):
 
 
 def test_trimmer_gives_memory_back_after_a_burst_and_once_more_when_it_ends():
-    from broker.server import _Trimmer
+    from modelpool.broker.server import _Trimmer
 
     calls = []
     trimmer = _Trimmer()
@@ -236,7 +236,7 @@ def test_registrations_for_unknown_models_do_not_pile_up_or_make_health_false(cl
 
 
 def test_advertised_capacity_is_bounded(clock):
-    from broker.state import MAX_WORKER_CAPACITY
+    from modelpool.broker.state import MAX_WORKER_CAPACITY
 
     state = make_state(clock, "m", expected=1)
     ready(state, W1, "m", capacity=10 ** 12)
@@ -246,7 +246,7 @@ def test_advertised_capacity_is_bounded(clock):
 
 
 def test_a_tcp_backend_needs_the_insecure_opt_in_even_on_loopback(tmp_path):
-    from broker.config import ConfigError, ModelConfig, PoolConfig
+    from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig
 
     (tmp_path / "m.keras").write_bytes(b"")
     model = ModelConfig(name="m", path=str(tmp_path / "m.keras"))
@@ -360,7 +360,7 @@ def test_peer_text_in_logs_is_escaped_so_no_line_can_be_forged(clock, caplog):
 
 
 def test_log_limiter_allows_a_burst_per_key_then_counts():
-    from broker.logutil import LogLimiter
+    from modelpool.broker.logutil import LogLimiter
 
     lines = []
 
@@ -404,7 +404,7 @@ def test_mmi_models_gives_worker_ids_and_pids_only_when_the_config_allows_and_th
 
 
 def test_model_error_text_for_clients_has_no_traceback_or_paths():
-    from modelproc.worker import short_error
+    from modelpool.modelproc.worker import short_error
 
     class InvalidArgumentError(Exception):
         pass
@@ -434,7 +434,7 @@ def test_stale_ipc_directories_of_dead_launchers_are_removed_and_live_ones_kept(
     import subprocess
     import sys
 
-    from broker.server import remove_stale_dirs
+    from modelpool.broker.server import remove_stale_dirs
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -461,8 +461,8 @@ def test_stale_ipc_directories_of_dead_launchers_are_removed_and_live_ones_kept(
 def test_the_broker_records_its_pid_in_its_private_directory(tmp_path):
     import os
 
-    from broker.config import ModelConfig, PoolConfig
-    from broker.server import Broker
+    from modelpool.broker.config import ModelConfig, PoolConfig
+    from modelpool.broker.server import Broker
 
     (tmp_path / "m.keras").write_bytes(b"")
     config = PoolConfig(models=(ModelConfig(name="m", path=str(tmp_path / "m.keras")),),
@@ -477,7 +477,7 @@ def test_the_broker_records_its_pid_in_its_private_directory(tmp_path):
 
 
 def test_registrations_per_model_are_capped(clock):
-    from broker.state import MAX_WORKERS_PER_MODEL
+    from modelpool.broker.state import MAX_WORKERS_PER_MODEL
 
     state = make_state(clock, "m", expected=1)
     for i in range(MAX_WORKERS_PER_MODEL + 10):

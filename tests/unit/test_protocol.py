@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zmq
 
-from client import errors, protocol
-from client.errors import PoolError, ProtocolError
-from client.protocol import Command
+from modelpool.client import errors, protocol
+from modelpool.client.errors import PoolError, ProtocolError
+from modelpool.client.protocol import Command
 
 NUMERIC = sorted(protocol.DATATYPES)
 ALL_DATATYPES = NUMERIC + ["BYTES"]

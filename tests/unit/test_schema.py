@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.base import ModelSchema, pick_outputs, readiness, wanted_outputs
-from client.errors import InvalidInput, ModelNotFound, Unavailable
+from modelpool.client.base import ModelSchema, pick_outputs, readiness, wanted_outputs
+from modelpool.client.errors import InvalidInput, ModelNotFound, Unavailable
 
 
 def _schema(*inputs: tuple[str, str]) -> ModelSchema:

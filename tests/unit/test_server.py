@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import zmq
 
-from broker.config import ModelConfig, PoolConfig
-from broker.server import Broker
-from client import protocol
-from client.protocol import Command
+from modelpool.broker.config import ModelConfig, PoolConfig
+from modelpool.broker.server import Broker
+from modelpool.client import protocol
+from modelpool.client.protocol import Command
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,8 +13,8 @@ import weakref
 import numpy as np
 import pytest
 
-from client import protocol
-from client.errors import (
+from modelpool.client import protocol
+from modelpool.client.errors import (
     InvalidInput,
     ModelError,
     ModelNotFound,
@@ -25,8 +25,8 @@ from client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from client.protocol import Command
-from broker.state import IllegalTransition, PoolState, Worker, WorkerState
+from modelpool.client.protocol import Command
+from modelpool.broker.state import IllegalTransition, PoolState, Worker, WorkerState
 
 ALICE = b"\x00alice"
 BOB = b"\x00bob"

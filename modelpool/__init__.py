@@ -1,0 +1,40 @@
+"""modelpool: a ZeroMQ serving pool for Keras/TensorFlow models, one spawned process per model replica.
+
+Everything installed lives under this one name: ``modelpool.client`` (the client library and the wire
+protocol), ``modelpool.broker`` and ``modelpool.modelproc`` (the server side), ``modelpool.cli``. The
+repository keeps them in its top-level ``client/``, ``broker/`` and ``modelproc/`` folders; setup.cfg
+maps them here.
+"""
+from __future__ import annotations
+
+from modelpool.client import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    ModelError,
+    ModelNotFound,
+    NotSupported,
+    Overloaded,
+    PoolError,
+    ProtocolError,
+    RequestTimeout,
+    Unavailable,
+    WorkerCrashed,
+)
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "InvalidInput",
+    "ModelError",
+    "ModelNotFound",
+    "NotSupported",
+    "Overloaded",
+    "PoolError",
+    "ProtocolError",
+    "RequestTimeout",
+    "Unavailable",
+    "WorkerCrashed",
+]

@@ -1,0 +1,324 @@
+"""The `modelpool` command: start a pool from a config file (and talk to one)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+import numpy as np
+
+from modelpool.broker import config as pool_config
+from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig
+from modelpool.client import Client, PoolError
+from modelpool.client.base import DEFAULT_ENDPOINT
+from modelpool.modelproc.worker import add_arguments as add_worker_arguments
+from modelpool.modelproc.worker import run_standalone
+
+log = logging.getLogger("modelpool")
+
+EXIT_OK = 0
+EXIT_POOL_ERROR = 1  # the pool answered with an error, or did not answer
+EXIT_USAGE = 2  # bad arguments or an unreadable input file (argparse exits 2 as well)
+EXIT_LOAD_FAILED = 3  # serve: a model failed to load at start (see pool.exit_on_error)
+
+
+def demo_config(frontend: str | None) -> PoolConfig:
+    """The bundled digits classifier, two replicas."""
+    from modelpool.modelproc.demo import MODEL_PATH
+
+    model = ModelConfig(name="digits", path=str(MODEL_PATH), replicas=2, version="1", max_batch_size=64)
+    return PoolConfig(models=(model,), frontend=frontend or pool_config.DEFAULT_FRONTEND)
+
+
+def _announce(broker: object) -> None:
+    state = broker.state  # type: ignore[attr-defined]
+    endpoint = broker.frontend_endpoint  # type: ignore[attr-defined]
+    lines = [f"modelpool listening on {endpoint}"]
+    for entry in state.models.values():
+        status = f"{entry.ready}/{entry.expected} replicas ready"
+        if entry.load_error:
+            status += f"; load failed: {entry.load_error}"
+        lines.append(f"  model {entry.name.decode()!r} version {entry.version}: {status}")
+    first = next(iter(state.models)).decode()
+    if first == "digits":
+        lines.append("example request (in another shell):")
+        lines.append(f"  .venv/bin/python -c \"from modelpool import Client; from modelpool.modelproc.demo import load_samples; "
+                     f"x, y = load_samples(); print(Client('{endpoint}').predict('digits', x).argmax(1), 'labels', y)\"")
+    else:
+        lines.append(f"example request: Client('{endpoint}').metadata('{first}') from `from modelpool import Client`")
+    lines.append("Ctrl-C stops the pool")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the pool in the foreground until SIGINT/SIGTERM."""
+    from modelpool.broker.server import Broker
+
+    try:
+        if args.demo:
+            cfg = demo_config(args.frontend)
+        elif args.config:
+            cfg = pool_config.load(args.config)
+            cfg = cfg.with_overrides(frontend=args.frontend)
+        else:
+            raise ConfigError("give a config file with -c pool.toml, or --demo")
+        if args.log_level:
+            cfg = cfg.with_overrides(log_level=args.log_level)
+    except ConfigError as exc:
+        print(f"modelpool: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        broker = Broker(cfg, on_ready=_announce)
+    except Exception as exc:  # zmq.ZMQError for an address in use, mostly
+        print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
+        return 1
+    broker.install_signal_handlers()
+    try:
+        code = broker.run()
+    finally:
+        broker.close()
+    if code == EXIT_LOAD_FAILED:
+        for entry in broker.state.models.values():
+            if entry.load_error and entry.ready == 0:
+                _fail(f"model '{entry.name.decode()}' failed to load: {entry.load_error}", code)
+        _fail("stopped: a model failed to load at start (set exit_on_error = false in [pool] to serve the "
+              "other models anyway)", code)
+    return code
+
+
+class InputFileError(Exception):
+    """An input file that cannot be read, or an output file that cannot be written."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"modelpool: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _talks_to_pool(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Exit codes of the client commands: 1 with the error's type for what the pool said, 2 for files."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except PoolError as exc:
+            return _fail(f"{type(exc).__name__}: {exc}", EXIT_POOL_ERROR)
+        except InputFileError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+# --- status ----------------------------------------------------------------------------------
+
+# 4XX: requests the pool refused (bad input, queue full); 5XX: the model raised, crashed, timed out or
+# could not be reached. A client sending bad requests does not make the model look broken.
+STATUS_COLUMNS = ("MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN FLIGHT", "SERVED", "4XX", "5XX")
+
+
+def _count(entry: dict, key: str) -> str:
+    value = entry.get(key)
+    return "-" if value is None else str(value)
+
+
+def format_status(models: list[dict], endpoint: str = "") -> str:
+    """The `modelpool status` table: one row per model, then the load errors underneath."""
+    head = [f"pool at {endpoint}"] if endpoint else []
+    if not models:
+        return "\n".join(head + ["no models served"])
+    rows = []
+    for m in sorted(models, key=lambda m: str(m.get("name", ""))):
+        ready = _count(m, "replicas_ready")
+        if m.get("replicas_expected"):
+            ready += f"/{m['replicas_expected']}"
+        rows.append((str(m.get("name", "?")), str(m.get("version") or "-"), ready, _count(m, "replicas_starting"),
+                     _count(m, "replicas_failed"), _count(m, "queue_depth"), _count(m, "in_flight"),
+                     _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
+    widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(STATUS_COLUMNS)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = head + [line(STATUS_COLUMNS)] + [line(r) for r in rows]
+    for m in sorted(models, key=lambda m: str(m.get("name", ""))):
+        if m.get("load_error"):
+            lines.append(f"model {m.get('name')!r} failed to load: {_one_line(m['load_error'])}")
+    return "\n".join(lines)
+
+
+@_talks_to_pool
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the models a running pool serves, their replicas, queues and counters."""
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        models = client.wait_ready(timeout=args.timeout) if args.wait else client.models()
+    if args.json:
+        print(json.dumps({"endpoint": args.endpoint, "models": models}, indent=2, sort_keys=True))
+    else:
+        print(format_status(models, args.endpoint))
+    return EXIT_OK
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+
+def load_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a .npy file, or the named arrays of a .npz file (never unpickles)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputFileError(f"input file {path!r} does not exist") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputFileError(f"cannot read input file {path!r} as .npy or .npz: {exc}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    if not arrays:
+        raise InputFileError(f"input file {path!r} holds no arrays")
+    return arrays
+
+
+def save_output(path: str, outputs: dict[str, np.ndarray]) -> None:
+    """One output as .npy; several (or a path ending in .npz) as .npz keyed by output name."""
+    try:
+        with open(path, "wb") as f:
+            if len(outputs) == 1 and not path.endswith(".npz"):
+                np.save(f, next(iter(outputs.values())))
+            else:
+                np.savez(f, **outputs)
+    except OSError as exc:
+        raise InputFileError(f"cannot write output file {path!r}: {exc.strerror or exc}") from None
+
+
+def looks_like_probabilities(value: np.ndarray) -> bool:
+    """Rows of a 2-D float array that lie in [0, 1] and sum to 1: a classifier's softmax."""
+    if value.ndim != 2 or value.shape[1] < 2 or value.shape[0] == 0 or value.dtype.kind != "f":
+        return False
+    return bool(np.all((value >= 0) & (value <= 1)) and np.allclose(value.sum(axis=1), 1.0, atol=1e-3))
+
+
+def format_outputs(outputs: dict[str, np.ndarray], values: bool = False) -> str:
+    """Shape, dtype and the values of each output; argmax and its probability for a classifier."""
+    lines = []
+    for name, value in outputs.items():
+        lines.append(f"output {name!r}: shape {list(value.shape)} dtype {value.dtype}")
+        if looks_like_probabilities(value) and not values:
+            top = value.argmax(axis=1)
+            lines.append(f"argmax per row: {np.array2string(top, threshold=200, max_line_width=100)}")
+            confidence = value[np.arange(len(top)), top]
+            lines.append(f"probability:    {np.array2string(confidence, precision=3, threshold=200, max_line_width=100)}")
+        else:
+            lines.append(np.array2string(value, precision=5, threshold=200, suppress_small=True, max_line_width=100))
+    return "\n".join(lines)
+
+
+@_talks_to_pool
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Send one request from the shell and print the result."""
+    loaded = load_input(args.input)
+    inputs = loaded if isinstance(loaded, dict) else {"": loaded}
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        outputs = client.infer(args.model, inputs, outputs=args.fetch or None)
+    print(format_outputs(outputs, values=args.values))
+    if args.output:
+        save_output(args.output, outputs)
+        print(f"saved to {args.output}")
+    return EXIT_OK
+
+
+def _add_client_options(parser: argparse.ArgumentParser, timeout: float) -> None:
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                        help=f"the pool's client endpoint (default: {DEFAULT_ENDPOINT})")
+    parser.add_argument("--timeout", type=_positive_float, default=timeout,
+                        help=f"seconds to wait for the answer, one resend included (default: {timeout:g})")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+EXIT_CODES = """exit codes:
+  0  ok
+  1  the pool answered with an error or did not answer (one line on stderr: modelpool: <ErrorType>: <message>)
+  2  bad arguments, or an input/output file that cannot be read or written"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(prog="modelpool", description="Serve Keras/TensorFlow models from a pool "
+                                     "of spawned worker processes behind a ZeroMQ broker.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start a pool in the foreground",
+                           description="Start the broker and one spawned worker per model replica. "
+                           "SIGINT/SIGTERM stop it gracefully; a second signal forces the stop.")
+    serve.add_argument("-c", "--config", help="pool config file (TOML)")
+    serve.add_argument("--demo", action="store_true", help="serve the bundled digits classifier")
+    serve.add_argument("--frontend", help="client endpoint, e.g. tcp://127.0.0.1:5555 (overrides the config)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    serve.set_defaults(func=cmd_serve)
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    status = sub.add_parser("status", help="show the models of a running pool", formatter_class=fmt,
+                            description="Ask a running pool (mmi.models) for its models, versions, replicas\n"
+                            "ready/starting/failed, queue depths and requests served, and print them as a table.",
+                            epilog="example:\n  modelpool status --endpoint tcp://127.0.0.1:5555\n\n" + EXIT_CODES)
+    _add_client_options(status, timeout=5.0)
+    status.add_argument("--json", action="store_true", help="print the raw mmi.models answer as JSON")
+    status.add_argument("--wait", action="store_true",
+                        help="first wait (up to --timeout) until every model has all its replicas ready; "
+                        "exit 1 if they are not, or if a model failed to load")
+    status.set_defaults(func=cmd_status)
+
+    predict = sub.add_parser("predict", help="send one request from the shell", formatter_class=fmt,
+                             description="Run MODEL on the array in a .npy file (its first axis is the batch) or on\n"
+                             "the named arrays of a .npz file, and print each output's shape and dtype with its\n"
+                             "values, or with its argmax per row when it looks like class probabilities.",
+                             epilog="example:\n  modelpool predict digits --input x.npy --output probs.npy\n\n"
+                             + EXIT_CODES)
+    predict.add_argument("model", help="name of the model to run")
+    predict.add_argument("-i", "--input", required=True, metavar="FILE",
+                         help=".npy file (single-input model) or .npz file of named inputs")
+    predict.add_argument("-o", "--output", metavar="FILE",
+                         help="also save the result: .npy for one output, .npz (keyed by name) for several")
+    predict.add_argument("--fetch", action="append", metavar="NAME",
+                         help="output or layer name to return, repeatable (default: the model's outputs)")
+    predict.add_argument("--values", action="store_true", help="print the values even for class probabilities")
+    _add_client_options(predict, timeout=30.0)
+    predict.set_defaults(func=cmd_predict)
+
+    worker = sub.add_parser("worker", help="serve one model replica for a broker on another host",
+                            formatter_class=fmt,
+                            description="Start one worker process that connects to a pool's backend (a tcp://\n"
+                            "endpoint: the pool needs backend = \"tcp://...\" and insecure_network = true), loads\n"
+                            "the model and registers for it. The pool's config must name the model. It exits\n"
+                            "after --orphan-timeout seconds without a broker and re-registers when one comes back.",
+                            epilog="example:\n  modelpool worker --backend tcp://10.0.0.5:5556 --name digits "
+                            "--path digits.keras")
+    add_worker_arguments(worker)
+    worker.set_defaults(func=run_standalone)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `modelpool` command."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
