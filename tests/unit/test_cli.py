@@ -255,7 +255,7 @@ def test_serve_config_errors_stop_before_anything_starts(tmp_path, capsys, monke
     cfg = tmp_path / "pool.toml"
     cfg.write_text(toml.replace("MODEL", str(model)))
     started = []
-    monkeypatch.setattr("broker.server.Broker.__init__", lambda *a, **k: started.append(1))
+    monkeypatch.setattr("modelpool.broker.server.Broker.__init__", lambda *a, **k: started.append(1))
     assert modelpool.main(["serve", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("modelpool: config error:") and needle in err

@@ -333,7 +333,7 @@ def test_a_poison_request_is_quarantined_and_innocents_on_the_same_workers_are_a
 
 def test_a_flood_of_malformed_messages_logs_a_few_lines_and_a_count(clock, caplog):
     state = make_state(clock, "m", expected=1)
-    with caplog.at_level(logging.INFO, logger="broker.state"):
+    with caplog.at_level(logging.INFO, logger="modelpool.broker.state"):
         for i in range(10_000):
             state.client_message(ALICE, [b"", protocol.CLIENT, b"m", b"r%d" % i, b"\xc1"])
             state.worker_message(b"w%d" % i, [b"", b"junk"])
@@ -349,7 +349,7 @@ def test_a_flood_of_malformed_messages_logs_a_few_lines_and_a_count(clock, caplo
 def test_peer_text_in_logs_is_escaped_so_no_line_can_be_forged(clock, caplog):
     state = make_state(clock, "m", expected=1)
     forged = "x\n2026-01-01 00:00:00 INFO broker.state: all good"
-    with caplog.at_level(logging.INFO, logger="broker.state"):
+    with caplog.at_level(logging.INFO, logger="modelpool.broker.state"):
         ready(state, b"evil\nid", forged)
         state.worker_message(W1, protocol.encode_disconnect({"model": "m", "error": "boom\nINFO forged"}))
         state.client_message(ALICE, [b"", protocol.CLIENT, b"m\nINFO forged", b"r1", b"\xc1"])
