@@ -37,13 +37,11 @@ class WorkerState(enum.Enum):
     """Lifecycle of one registered worker."""
 
     READY = "ready"
-    DRAINING = "draining"
     GONE = "gone"
 
 
 _MOVES = {
-    WorkerState.READY: {WorkerState.DRAINING, WorkerState.GONE},
-    WorkerState.DRAINING: {WorkerState.GONE},
+    WorkerState.READY: {WorkerState.GONE},
     WorkerState.GONE: set(),
 }
 
@@ -313,6 +311,8 @@ class PoolState:
                                        or not math.isfinite(timeout_ms) or timeout_ms < 0):
             # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
             return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {describe(timeout_ms)}")
+        if "parameters" in header and not isinstance(header["parameters"], dict):
+            return InvalidInput(f"parameters must be a map, got {describe(header['parameters'])}")
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")
         if entry.ready == 0:
@@ -418,8 +418,6 @@ class PoolState:
             else:
                 for client, rid, status, body in protocol.message_groups(message):
                     self._worker_reply(worker, client, rid, status, body)
-                if worker.state is WorkerState.DRAINING and not worker.inflight:
-                    self._forget(worker)
                 self._dispatch(self.models[worker.model])
         elif command is protocol.Command.READY:
             self._worker_ready(identity, worker, fields[0], fields[1])

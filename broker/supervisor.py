@@ -177,9 +177,6 @@ class Supervisor:
                 slot.process.join(2.0)
                 slot.process = None
 
-    def pids(self) -> list[int]:
-        """Pids of running workers."""
-        return [s.process.pid for s in self.slots if s.process is not None and s.process.pid]
 
 
 def _describe_exit(code: int | None) -> str:

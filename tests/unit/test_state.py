@@ -311,10 +311,13 @@ def test_bad_requests_are_counted_apart_from_model_failures(clock):
     infer(state, ALICE, "m", b"2")  # waits: the only worker is busy
     infer(state, ALICE, "m", b"3")  # 429: the queue of one is full
     request(state, ALICE, "m", b"4", {"timeout_ms": "soon"})  # 400
+    request(state, ALICE, "m", b"5", {"parameters": [1, 2]})  # 400: parameters must be a map
+    refused = {rep.rid: rep for _, rep in client_out(state)}
+    assert refused[b"5"].header["error"]["message"] == "parameters must be a map, got an array"
     reply(state, W1, ALICE, b"1", b"400", {"error": {"type": "InvalidInput", "message": "wrong shape"}})
     reply(state, W1, ALICE, b"2", b"500", {"error": {"type": "ModelError", "message": "boom"}})
     summary = state.models[b"m"].summary()
-    assert (summary["client_errors"], summary["errors"], summary["served"]) == (3, 1, 0)
+    assert (summary["client_errors"], summary["errors"], summary["served"]) == (4, 1, 0)
 
 
 def test_reply_for_unknown_request_is_dropped(clock):
@@ -824,21 +827,15 @@ def _worker() -> Worker:
 def test_worker_state_legal_moves():
     worker = _worker()
     assert worker.state is WorkerState.READY and worker.free == 2
-    worker.move(WorkerState.DRAINING)
-    assert worker.free == 0
     worker.move(WorkerState.GONE)
     assert worker.state is WorkerState.GONE and worker.free == 0
-    direct = _worker()
-    direct.move(WorkerState.GONE)
-    assert direct.state is WorkerState.GONE
 
 
 @pytest.mark.parametrize(
     "path",
     [
         [WorkerState.GONE, WorkerState.READY],
-        [WorkerState.GONE, WorkerState.DRAINING],
-        [WorkerState.DRAINING, WorkerState.READY],
+        [WorkerState.GONE, WorkerState.GONE],
         [WorkerState.READY],
     ],
 )
@@ -850,21 +847,6 @@ def test_worker_state_illegal_moves_raise(path):
     with pytest.raises(IllegalTransition, match=f"{before.value} -> {path[-1].value}"):
         worker.move(path[-1])
     assert worker.state is before
-
-
-def test_draining_worker_gets_no_new_requests_and_leaves_when_empty(clock):
-    state = make_state(clock, "m", expected=1)
-    ready(state, W1, "m", capacity=2)
-    infer(state, ALICE, "m", b"1")
-    dispatched(state)
-    state.workers[W1].move(WorkerState.DRAINING)
-    infer(state, ALICE, "m", b"2")
-    assert state.outbox_workers == []
-    reply(state, W1, ALICE, b"1")
-    only_ok(state, ALICE, b"1")
-    assert W1 not in state.workers
-    ready(state, W2, "m")
-    assert dispatched(state) == [(W2, ALICE, b"2", b"")]
 
 
 def test_deadline_watch_memory_is_bounded_by_the_queue_not_by_rate_times_timeout(clock):
