@@ -27,18 +27,16 @@ from modelpool.client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
-    READY_POLL,
     ModelSchema,
+    ReadyWait,
     RequestBuilder,
     SchemaCache,
     attempt_timeout,
     check_settings,
     header_or_raise,
     inherit,
-    not_ready_error,
     open_dealer,
     pick_outputs,
-    readiness,
     timeout_error,
     track_forks,
     wanted_outputs,
@@ -277,22 +275,16 @@ class AsyncClient:
                          timeout: float = 120.0) -> list[dict]:
         """Wait until the models have their replicas ready; as ``Client.wait_ready``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        missing: list[str] = []
-        last: Exception | None = None
+        wait = ReadyWait(self.endpoint, models, all_replicas, timeout, loop.time())
         while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise not_ready_error(self.endpoint, timeout, missing, last)
             try:
-                served = await self.models(timeout=min(left, 2.0))
+                served = await self.models(timeout=wait.next_try(loop.time()))
             except RequestTimeout as exc:  # not answering yet: the pool may still be starting
-                last = exc
+                wait.last = exc
                 continue
-            missing = readiness(served, models, all_replicas)
-            if not missing:
+            if wait.ready(served):
                 return served
-            await asyncio.sleep(min(READY_POLL, max(0.0, deadline - loop.time())))
+            await asyncio.sleep(wait.pause(loop.time()))
 
     # --- lifetime ------------------------------------------------------------------------
 

@@ -244,10 +244,32 @@ def readiness(models: list[dict], wanted: Sequence[str] | None, all_replicas: bo
     return missing
 
 
-def not_ready_error(endpoint: str, timeout: float, missing: list[str], last: Exception | None) -> RequestTimeout:
-    """The RequestTimeout ``wait_ready`` raises."""
-    why = "; ".join(missing) if missing else f"the pool at {endpoint} did not answer ({last})"
-    return RequestTimeout(f"pool not ready within {timeout:g}s: {why}")
+class ReadyWait:
+    """``wait_ready``'s bookkeeping, shared by the sync and asyncio clients (which only add the I/O)."""
+
+    def __init__(self, endpoint: str, models: Sequence[str] | None, all_replicas: bool, timeout: float,
+                 now: float) -> None:
+        self.endpoint, self.models, self.all_replicas, self.timeout = endpoint, models, all_replicas, timeout
+        self.deadline = now + timeout
+        self.missing: list[str] = []
+        self.last: Exception | None = None  # why the pool did not answer, while it did not
+
+    def next_try(self, now: float) -> float:
+        """The timeout of the next mmi.models query; RequestTimeout once the wait is over."""
+        left = self.deadline - now
+        if left <= 0:
+            why = "; ".join(self.missing) or f"the pool at {self.endpoint} did not answer ({self.last})"
+            raise RequestTimeout(f"pool not ready within {self.timeout:g}s: {why}")
+        return min(left, 2.0)
+
+    def ready(self, served: list[dict]) -> bool:
+        """True when the answer shows every wanted model ready (see ``readiness``)."""
+        self.missing = readiness(served, self.models, self.all_replicas)
+        return not self.missing
+
+    def pause(self, now: float) -> float:
+        """Seconds to sleep before asking again."""
+        return min(READY_POLL, max(0.0, self.deadline - now))
 
 
 # --- sockets and the Lazy Pirate budget -------------------------------------------------------

@@ -35,18 +35,16 @@ from modelpool.client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
-    READY_POLL,
     ModelSchema,
+    ReadyWait,
     RequestBuilder,
     SchemaCache,
     attempt_timeout,
     check_settings,
     header_or_raise,
     inherit,
-    not_ready_error,
     open_dealer,
     pick_outputs,
-    readiness,
     single_output,
     timeout_error,
     track_forks,
@@ -467,22 +465,16 @@ class Client:
         Raises ModelNotFound for a model the pool does not serve, Unavailable for one that failed to
         load, and RequestTimeout when ``timeout`` passes first (or the pool never answered).
         """
-        deadline = time.monotonic() + timeout
-        missing: list[str] = []
-        last: Exception | None = None
+        wait = ReadyWait(self.endpoint, models, all_replicas, timeout, time.monotonic())
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise not_ready_error(self.endpoint, timeout, missing, last)
             try:
-                served = self.models(timeout=min(left, 2.0))
+                served = self.models(timeout=wait.next_try(time.monotonic()))
             except RequestTimeout as exc:  # not answering yet: the pool may still be starting
-                last = exc
+                wait.last = exc
                 continue
-            missing = readiness(served, models, all_replicas)
-            if not missing:
+            if wait.ready(served):
                 return served
-            time.sleep(min(READY_POLL, max(0.0, deadline - time.monotonic())))
+            time.sleep(wait.pause(time.monotonic()))
 
     # --- pipelining ----------------------------------------------------------------------
 

@@ -7,34 +7,8 @@ maps them here.
 """
 from __future__ import annotations
 
-from modelpool.client import (
-    AsyncClient,
-    Client,
-    InvalidInput,
-    ModelError,
-    ModelNotFound,
-    NotSupported,
-    Overloaded,
-    PoolError,
-    ProtocolError,
-    RequestTimeout,
-    Unavailable,
-    WorkerCrashed,
-)
+from modelpool import client as _client
+from modelpool.client import *  # noqa: F403 (the client library's public names: Client, AsyncClient, errors)
 
 __version__ = "0.2.0"
-
-__all__ = [
-    "AsyncClient",
-    "Client",
-    "InvalidInput",
-    "ModelError",
-    "ModelNotFound",
-    "NotSupported",
-    "Overloaded",
-    "PoolError",
-    "ProtocolError",
-    "RequestTimeout",
-    "Unavailable",
-    "WorkerCrashed",
-]
+__all__ = list(_client.__all__)
