@@ -277,8 +277,9 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         wait = ReadyWait(self.endpoint, models, all_replicas, timeout, loop.time())
         while True:
+            timeout = wait.next_try(loop.time())  # raises once the wait is over: outside the try below
             try:
-                served = await self.models(timeout=wait.next_try(loop.time()))
+                served = await self.models(timeout=timeout)
             except RequestTimeout as exc:  # not answering yet: the pool may still be starting
                 wait.last = exc
                 continue

@@ -467,8 +467,9 @@ class Client:
         """
         wait = ReadyWait(self.endpoint, models, all_replicas, timeout, time.monotonic())
         while True:
+            timeout = wait.next_try(time.monotonic())  # raises once the wait is over: outside the try below
             try:
-                served = self.models(timeout=wait.next_try(time.monotonic()))
+                served = self.models(timeout=timeout)
             except RequestTimeout as exc:  # not answering yet: the pool may still be starting
                 wait.last = exc
                 continue
