@@ -1,74 +1,47 @@
 """Requests/s of one Python client against the demo pool: one at a time, pipelined, submit(), asyncio.
 
     .venv/bin/python -m scripts.client_bench                   # starts and stops its own demo pool
+    .venv/bin/python -m scripts.client_bench --write           # ... and puts its table into docs/BENCHMARKS.md
     .venv/bin/python -m scripts.client_bench --endpoint tcp://127.0.0.1:5555   # an already running pool
 
 Every request carries one sample (one row) of ``modelproc.demo.load_samples()``; every answer is checked
-against the answer for that sample. Each mode runs for ``--seconds``.
+against the answer for that sample. Each mode runs for ``--seconds``. The demo pool (the model and settings
+of ``modelpool serve --demo``) is started with ``bench/pool.py``, the launcher the tests use.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
-import signal
-import subprocess
+import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from modelpool.client import AsyncClient, Client
-from modelpool.modelproc.demo import load_samples
-
 REPO = Path(__file__).resolve().parents[1]
+if sys.path[0] != str(REPO):  # `python scripts/client_bench.py` puts scripts/ first, where bench.py is
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from modelpool.cli import demo_config  # noqa: E402
+from modelpool.client import AsyncClient, Client  # noqa: E402
+from modelpool.modelproc.demo import load_samples  # noqa: E402
+
+from bench.pool import SERVING_SETTINGS, Pool  # noqa: E402
+from bench.report import CLIENT_SECTION_END, CLIENT_SECTION_START, with_client_section  # noqa: E402
+
 MODEL = "digits"
 
 
-class DemoPool:
-    """`modelpool serve --demo` in a subprocess, stopped with SIGTERM."""
-
-    def __init__(self, frontend: str, ready_timeout: float = 180.0) -> None:
-        self.frontend = frontend
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="client-bench-", suffix=".log", delete=False)
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "-1"))
-        self.proc = subprocess.Popen([sys.executable, "-m", "modelpool", "serve", "--demo", "--frontend", frontend],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with Client(self.frontend, timeout=2.0, retries=0) as probe:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the demo pool exited with {self.proc.returncode}; log: {self.log.name}")
-                try:
-                    if probe.health()["ready"]:
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"the demo pool was not ready within {timeout:.0f}s; log: {self.log.name}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        if self.proc.returncode == 0:  # kept for reading otherwise
-            os.unlink(self.log.name)
-        return self.proc.returncode
+def demo_pool(frontend: str | None, ready_timeout: float = 180.0) -> Pool:
+    """The demo pool (``modelpool serve --demo``'s model and settings) started with the shared launcher."""
+    config = demo_config(frontend)
+    models = [dataclasses.asdict(m) for m in config.models]
+    return Pool(models, ready_timeout=ready_timeout, settings=SERVING_SETTINGS,
+                **({"frontend": frontend} if frontend else {}))
 
 
 def _run_for(seconds: float, round_: Callable[[], int]) -> tuple[int, float]:
@@ -132,23 +105,38 @@ def table(results: list[tuple[str, int, float]]) -> str:
     return "\n".join(lines)
 
 
+def section(text: str, command: str) -> str:
+    """The table as the client_bench section of docs/BENCHMARKS.md."""
+    when = time.strftime("%Y-%m-%d %H:%M %Z")
+    return "\n".join([CLIENT_SECTION_START, "## One Python client against the demo pool (`scripts/client_bench.py`)", "",
+                      f"- Date: {when}; command: `{command}`", "",
+                      "```", text, "```", CLIENT_SECTION_END])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--endpoint", help="a running pool serving 'digits' (default: start the demo pool)")
-    parser.add_argument("--frontend", default="tcp://127.0.0.1:5577", help="where the started demo pool listens")
+    parser.add_argument("--frontend", help="where the started demo pool listens (default: a private ipc:// path)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per mode (default 3)")
     parser.add_argument("--window", type=int, default=64, help="predict_many window (default 64)")
     parser.add_argument("--batch", type=int, default=1000, help="requests per predict_many/submit/gather round")
+    parser.add_argument("--write", action="store_true", help="put the table into docs/BENCHMARKS.md as well")
     args = parser.parse_args(argv)
-    pool = None if args.endpoint else DemoPool(args.frontend)
-    endpoint = args.endpoint or args.frontend
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+    pool = None if args.endpoint else demo_pool(args.frontend)
+    endpoint = args.endpoint or pool.endpoint
     try:
         results = bench(endpoint, args.seconds, args.window, args.batch)
     finally:
         if pool is not None:
             pool.stop()
-    print(f"one sample per request, model {MODEL!r} at {endpoint}, {os.cpu_count()} CPUs")
-    print(table(results))
+    where = "the demo pool (2 replicas)" if pool is not None else endpoint
+    text = f"one sample per request, model {MODEL!r} at {where}, {os.cpu_count()} CPUs\n{table(results)}"
+    print(text)
+    if args.write:
+        page = REPO / "docs" / "BENCHMARKS.md"
+        command = shlex.join([".venv/bin/python", "-m", "scripts.client_bench", *(sys.argv[1:] if argv is None else argv)])
+        page.write_text(with_client_section(page.read_text(), section(text, command)))
     return 0
 
 

@@ -1,133 +1,15 @@
-"""Start and stop real pools (the `modelpool serve` launcher in a subprocess) for integration tests."""
+"""Start and stop real pools for integration tests: the shared launcher of ``bench/pool.py``, with the
+tests' settings (fast heartbeats, ``mmi_detail``)."""
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
-
-from modelpool.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+if str(REPO) not in sys.path:  # `bench` is a folder of the source tree, not an installed package
+    sys.path.insert(0, str(REPO))
 
+from bench.pool import Pool, process_alive, toml_value, wait_until, write_config  # noqa: E402
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # the pool may not answer yet
-            last_exc = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last_exc!r})")
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, models: list[dict], **pool: Any) -> Path:
-    lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
-    for model in models:
-        lines.append("\n[[models]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in model.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def process_alive(pid: int) -> bool:
-    """True while a process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-class Pool:
-    """A launcher process serving some models on a private ipc:// frontend."""
-
-    def __init__(self, models: list[dict], *, ready_timeout: float = 180.0, wait_ready: bool = True,
-                 **pool: Any) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
-        self.endpoint = pool.pop("frontend", f"ipc://{self.dir}/front.ipc")
-        pool.setdefault("heartbeat_interval", 0.25)
-        pool.setdefault("heartbeat_liveness", 8)
-        pool.setdefault("drain_timeout", 20.0)
-        pool.setdefault("mmi_detail", True)  # worker_pids() reads pids from mmi.models
-        self.config = write_config(self.dir / "pool.toml", models, frontend=self.endpoint, **pool)
-        self.log_path = self.dir / "launcher.log"
-        self.log = open(self.log_path, "w")
-        self._final_log: str | None = None  # kept by stop(), which removes the directory
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), TF_CPP_MIN_LOG_LEVEL="2")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modelpool", "serve", "-c", str(self.config)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        self.client = Client(self.endpoint, timeout=30.0)
-        self.expected = {m["name"]: m.get("replicas", 1) for m in models}
-        if wait_ready:
-            self.wait_ready(ready_timeout)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.read_log()}")
-            try:
-                models = {m["name"]: m for m in self.client.models(timeout=2.0)}
-            except Exception:  # not answering yet
-                time.sleep(0.2)
-                continue
-            if all(models[n]["replicas_ready"] >= r for n, r in self.expected.items()):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}")
-
-    def read_log(self) -> str:
-        if self._final_log is not None:
-            return self._final_log
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def worker_pids(self, model: str | None = None) -> list[int]:
-        return [w["pid"] for m in self.client.models(timeout=5.0, detail=True) if model in (None, m["name"])
-                for w in m["workers"] if w["pid"]]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Stop the launcher; every worker it started must be gone too."""
-        pids = []
-        if self.proc.poll() is None:
-            try:
-                pids = self.worker_pids()
-            except Exception:  # the launcher may be past answering
-                pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        self.client.close()
-        self.log.close()
-        wait_until(lambda: not any(process_alive(p) for p in pids), 15.0, what="workers gone")
-        self._final_log = self.log_path.read_text(errors="replace")
-        shutil.rmtree(self.dir, ignore_errors=True)  # config, log and ipc sockets; the log stays readable
-        return code
+__all__ = ["HERE", "REPO", "Pool", "process_alive", "toml_value", "wait_until", "write_config"]
