@@ -224,8 +224,7 @@ def format_outputs(outputs: dict[str, np.ndarray], values: bool = False) -> str:
 @_talks_to_pool
 def cmd_predict(args: argparse.Namespace) -> int:
     """Send one request from the shell and print the result."""
-    loaded = load_input(args.input)
-    inputs = loaded if isinstance(loaded, dict) else {"": loaded}
+    inputs = load_input(args.input)  # one array for a one-input model, or named arrays; converted as infer() does
     with Client(args.endpoint, timeout=args.timeout) as client:
         outputs = client.infer(args.model, inputs, outputs=args.fetch or None)
     print(format_outputs(outputs, values=args.values))
