@@ -182,7 +182,7 @@ def test_predict_prints_argmax_for_class_probabilities_and_saves(fake, tmp_path,
     np.testing.assert_array_equal(np.load(out_path), probs)
     _, model, inputs, outputs = fake.calls[1]
     assert model == "digits" and isinstance(inputs, np.ndarray) and outputs is None  # a bare array: infer() names it
-    np.testing.assert_array_equal(inputs[""], x)
+    np.testing.assert_array_equal(inputs, x)
 
 
 def test_predict_prints_values_and_passes_named_inputs_and_fetch(fake, tmp_path, capsys):
