@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from modelpool.client.errors import InvalidInput
-from modelpool.client.protocol import datatype_of
+from modelpool.client.protocol import datatype_of, quote, wire_type
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +180,12 @@ class Runner:
         if outputs is None:
             return ()
         if not isinstance(outputs, (list, tuple)):
-            raise InvalidInput(f"outputs must be a list of {{'name': ...}} maps, got {type(outputs).__name__}")
+            raise InvalidInput(f"outputs must be an array of {{\"name\": ...}} maps, got {wire_type(outputs)}")
         names = []
         for item in outputs:
             name = item.get("name") if isinstance(item, dict) else item
             if not isinstance(name, str):
-                raise InvalidInput(f"outputs entries must be {{'name': str}}, got {item!r}")
+                raise InvalidInput(f"outputs entries must be {{\"name\": string}} maps, got {wire_type(item)}")
             names.append(name)
         key = tuple(names)
         if key:
@@ -209,14 +209,16 @@ class Runner:
     def _build_outputs(self, names: tuple) -> tuple[Callable, list[TensorSpec]]:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise InvalidInput(f"outputs names {repeated} more than once; ask for each tensor once")
+            raise InvalidInput(f"outputs names {', '.join(quote(n) for n in repeated)} more than once; "
+                               "ask for each tensor once")
         known = {o.name: o for o in self.outputs}
         if all(n in known for n in names):
             fn, _ = self._functions[()]
             return fn, [known[n] for n in names]
         if self.platform == "tensorflow_savedmodel":
-            raise InvalidInput(f"unknown outputs {[n for n in names if n not in known]}; SavedModel outputs are "
-                               f"{list(known)} (intermediate layers need a Keras model)")
+            unknown = ", ".join(quote(n) for n in names if n not in known)
+            raise InvalidInput(f"unknown outputs {unknown}; SavedModel outputs are {', '.join(known)} "
+                               "(intermediate layers need a Keras model)")
         import keras
 
         tensors = [self._graph_outputs[list(known).index(n)] if n in known else self._layer_output(n)
