@@ -26,7 +26,8 @@ class ModelConfig:
     replicas: int = 1
     version: str = "1"
     max_batch_size: int = 32
-    max_delay_ms: float = 0.0
+    max_delay_ms: float = 0.0  # the broker waits up to this long for a fuller batch for an idle worker
+    prefetch: int = 1  # batches a worker holds besides the one it runs (formed only when full)
     max_queue: int = 1024
     max_queue_bytes: int = 256 * 1024 * 1024  # request payload bytes queued or in flight; past it 429
     pad_to_bucket: bool = False
@@ -41,6 +42,8 @@ class ModelConfig:
         _positive_int(self.replicas, f"{where}.replicas")
         _positive_int(self.max_batch_size, f"{where}.max_batch_size")
         _positive_int(self.max_queue, f"{where}.max_queue")
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or not 0 <= self.prefetch <= 8:
+            raise ConfigError(f"{where}.prefetch must be an integer from 0 to 8, got {self.prefetch!r}")
         _positive_int(self.max_queue_bytes, f"{where}.max_queue_bytes")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
             raise ConfigError(f"{where}.threads must be an integer >= 0 (0 = automatic), got {self.threads!r}")

@@ -21,24 +21,23 @@ import zmq
 from modelpool.broker.config import PoolConfig
 from modelpool.broker.state import PoolState
 from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
-from modelpool.client.protocol import MAX_GROUP_FRAMES, Command, encode_disconnect, encode_worker_requests, quote
+from modelpool.client.protocol import REQUEST_TENSORS, WORKER_CONTROL, encode_disconnect, quote
 from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
 _DRAIN_BATCH = 256  # messages taken from one socket before looking at the other
-# Client messages taken before what they queued is sent: requests for one worker that arrive
-# together leave as one REQUESTS message, at a bounded cost in added latency.
+# Messages taken before batches are formed and what they queued is sent: requests that arrive
+# together become one batch, at a bounded cost in added latency.
 _COALESCE = 32
-# Index of the first tensor frame, identity included: tensors stay zero-copy zmq.Frames, the
-# small control frames before them arrive as bytes (see client.transport).
-_CLIENT_TENSORS = 6  # identity "" MDPC01 model rid header | tensor...
-_WORKER_TENSORS = 9  # identity "" MDPW01 command client "" rid status header | tensor...
-_REQUEST = Command.REQUEST.value
+# Frames received as bytes, identity included; the rest stay zero-copy zmq.Frames (client.transport).
+_CLIENT_CONTROL = 1 + REQUEST_TENSORS
+_WORKER_CONTROL = 1 + WORKER_CONTROL
 # After the first load failure at start, how long to keep reading before stopping: a worker's
 # DISCONNECT with the loader's error can arrive just after its process sentinel fired.
 _LOAD_ERROR_GRACE = 0.5
 _MIN_HWM = 1000
+_REAP_POLL_MS = 5  # while a worker's process is exiting, look again this soon
 _TRIM_AFTER_MESSAGES = 20_000  # a burst this large since the last trim ...
 _TRIM_AFTER_BYTES = 64 * 1024 * 1024  # ... or this many payload bytes let go of, then give memory back
 _TRIM_INTERVAL = 1.0
@@ -100,7 +99,7 @@ class Broker:
                                max_held_bytes=config.max_queued_bytes, mmi_detail=config.mmi_detail)
         for m in config.models:
             self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
-                                 version=m.version, max_queue_bytes=m.max_queue_bytes)
+                                 version=m.version, max_queue_bytes=m.max_queue_bytes, max_delay_ms=m.max_delay_ms)
         self.supervisor = Supervisor(config, backend) if supervise else None
         self.on_ready = on_ready
         self.started = False  # every model had its replicas ready (or failed with exit_on_error off)
@@ -155,6 +154,7 @@ class Broker:
         if wake is not None:
             poller.register(wake, zmq.POLLIN)
         watched: dict[int, object] = {}
+        exiting: list[Slot] = []  # sentinel fired, process not reaped yet
         interval = self.config.heartbeat_interval
         next_heartbeat = time.monotonic() + interval
         stop_by: float | None = None
@@ -164,7 +164,7 @@ class Broker:
                 if sup is not None and sup.start_due():  # sentinels change only when a worker starts
                     self._sync_starting()
                     watched = self._watch(poller, watched, sup.sentinels())
-                timeout = self._timeout(next_heartbeat, stop_by)
+                timeout = _REAP_POLL_MS if exiting else self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
                 received = 0
                 if self.frontend in events:
@@ -174,8 +174,10 @@ class Broker:
                 if wake is not None and wake in events:
                     _read_all(wake)
                 for fd in [fd for fd in watched if fd in events]:
-                    self._reap(watched.pop(fd))
+                    exiting.append(watched.pop(fd))
                     poller.unregister(fd)
+                if exiting:
+                    exiting = [slot for slot in exiting if not self._reap(slot)]
                 state.tick()
                 self._handle_lost()
                 now = time.monotonic()
@@ -214,7 +216,7 @@ class Broker:
         received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
-                frames = recv_frames(sock, _CLIENT_TENSORS)
+                frames = recv_frames(sock, _CLIENT_CONTROL)
             except zmq.Again:
                 break
             received = i
@@ -229,7 +231,7 @@ class Broker:
         received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
-                frames = recv_frames(sock, _WORKER_TENSORS)
+                frames = recv_frames(sock, _WORKER_CONTROL)
             except zmq.Again:
                 break
             received = i
@@ -244,39 +246,12 @@ class Broker:
 
     def _flush(self) -> None:
         state = self.state
-        if state.outbox_clients:
-            sock = self.frontend
-            for frames in state.outbox_clients:
-                send_frames(sock, frames)
-            state.outbox_clients.clear()
-        if state.outbox_workers:
-            self._send_to_workers(state.outbox_workers)
-            state.outbox_workers.clear()
-
-    def _send_to_workers(self, messages: list) -> None:
-        """Send queued worker messages; REQUESTs for a batched worker leave as one REQUESTS."""
-        sock, workers = self.backend, self.state.workers
-        held: dict[bytes, list] = {}
-        for frames in messages:
-            identity = frames[0]
-            if frames[3] == _REQUEST and len(frames) - 5 <= MAX_GROUP_FRAMES:
-                worker = workers.get(identity)
-                if worker is not None and worker.batched:
-                    held.setdefault(identity, []).append(frames)
-                    continue
-            if identity in held:  # keep order: what was queued before this message leaves first
-                self._send_requests(identity, held.pop(identity))
-            send_frames(sock, frames)
-        for identity, group in held.items():
-            self._send_requests(identity, group)
-
-    def _send_requests(self, identity: bytes, messages: list) -> None:
-        if len(messages) == 1:
-            send_frames(self.backend, messages[0])
-            return
-        # REQUEST is [identity, "", MDPW01, 0x02, client, "", rid, flags, header, *tensors]
-        groups = [[m[4], *m[6:]] for m in messages]
-        send_frames(self.backend, [identity, *encode_worker_requests(groups)])
+        state.dispatch()
+        for sock, outbox in ((self.frontend, state.outbox_clients), (self.backend, state.outbox_workers)):
+            if outbox:
+                for frames in outbox:
+                    send_frames(sock, frames)
+                outbox.clear()
 
     def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict) -> dict:
         for fd, slot in sentinels.items():
@@ -285,10 +260,13 @@ class Broker:
                 watched[fd] = slot
         return watched
 
-    def _reap(self, slot: Slot) -> None:
+    def _reap(self, slot: Slot) -> bool:
+        """Collect an exited worker; False if its process cannot be collected yet."""
         identity = slot.identity
         never_ready, process = slot.ready_since is None, slot.process
         reason = self.supervisor.reap(slot)
+        if reason is None:
+            return False
         if identity in self.state.workers:
             self.state.worker_lost(identity, f"worker process {reason}")
         elif never_ready and not self.supervisor.stopping and process.exitcode != EXIT_LOAD_FAILED:
@@ -298,6 +276,7 @@ class Broker:
             if entry is not None and entry.load_error is None:
                 self.state.load_failed(slot.model.name, f"worker process {reason} before it was ready")
         self._sync_starting()
+        return True
 
     def _sync_starting(self) -> None:
         for name, count in self.supervisor.starting_counts().items():

@@ -1,8 +1,13 @@
-"""The broker's bookkeeping as plain data: models, workers, queues, in-flight requests, expiry.
+"""The broker's bookkeeping as plain data: models, workers, queues, batches, expiry.
 
 No sockets here. Every event method appends the messages it wants sent to ``outbox_clients`` and
-``outbox_workers`` (identity first); the socket loop in ``broker.server`` drains them. The clock is
-injected so that unit tests drive time by hand.
+``outbox_workers`` (identity first); the socket loop in ``broker.server`` calls ``dispatch()`` and
+drains them. The clock is injected so that unit tests drive time by hand.
+
+The broker is the only queue. Workers pull: each announces how many rows a batch may hold and how
+many batches it takes ahead (prefetch); the broker keeps every other request in the model's queue
+and forms each batch there (``broker.batcher``), so queue depth, queue time, 429 and deadlines are
+decided in one place.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from modelpool.broker.batcher import DONE, INFLIGHT, QUEUED, Batch, Batcher, Pending
 from modelpool.broker.logutil import LogLimiter
 from modelpool.client import protocol
 from modelpool.client.errors import (
@@ -28,7 +34,7 @@ from modelpool.client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from modelpool.client.protocol import CLIENT, describe, quote
+from modelpool.client.protocol import CLIENT, BatchItem, ReplyItem, describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +56,33 @@ class IllegalTransition(RuntimeError):
     """A worker was asked to move between states that have no edge."""
 
 
-QUEUED, INFLIGHT, DONE = 0, 1, 2
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
-MAX_WORKER_CAPACITY = 1024  # requests in flight on one worker, whatever its READY claims
+MAX_BATCH_ROWS = 1 << 16  # whatever a worker's READY claims
+MAX_PREFETCH = 8  # batches a worker may take ahead of the one it runs
 MAX_WORKERS_PER_MODEL = 256  # registrations past this are refused: peers cannot pile them up
+_METADATA = {"op": "metadata"}
 
 
-class Pending:
-    """One client request held by the broker, queued or in flight."""
-
-    __slots__ = ("client", "rid", "model", "body", "deadline", "crashes", "flags", "where", "size")
-
-    def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, deadline: float | None,
-                 size: int = 0) -> None:
-        self.client = client
-        self.rid = rid
-        self.model = model
-        self.body = body  # header frame + tensor frames, forwarded untouched
-        self.deadline = deadline
-        self.crashes = 0
-        self.flags = b""
-        self.where = QUEUED
-        self.size = size  # payload bytes the broker holds for it until it is answered
-
-
-@dataclass
+@dataclass(eq=False)
 class Worker:
     """A registered worker process serving one model."""
 
     identity: bytes
     model: bytes
     version: str
-    capacity: int
+    max_rows: int  # rows one batch may hold
+    slots: int  # batches it may hold unanswered: the one it runs and those prefetched
     pid: int | None
     expiry: float
     state: WorkerState = WorkerState.READY
-    inflight: dict = field(default_factory=dict)
+    inflight: dict = field(default_factory=dict)  # (client, rid) -> Pending
+    batches: int = 0  # batches sent and not answered in full
     last_heard: float = 0.0
-    batched: bool = False  # takes REQUESTS (several requests in one message) and may send REPLIES
+    last_sent: float = 0.0  # when it last got a batch: idle workers take turns
     solo: bool = False  # runs a request that was in flight on a worker that died: nothing else meanwhile
+    batches_sent: int = 0
+    rows_sent: int = 0
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -98,25 +91,24 @@ class Worker:
         self.state = new
 
     @property
-    def free(self) -> int:
-        return self.capacity - len(self.inflight) if self.state is WorkerState.READY and not self.solo else 0
+    def usable(self) -> bool:
+        return self.state is WorkerState.READY and not self.solo
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelEntry:
     """Everything the broker knows about one served model."""
 
     name: bytes
     max_queue: int
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    batcher: Batcher = field(default_factory=Batcher)
     held_bytes: int = 0  # payload bytes of this model's requests, queued and in flight
-    queue: deque = field(default_factory=deque)
-    queued: int = 0  # live requests in queue and suspects
     # Requests that were in flight on a worker that died: each runs alone on an idle worker, so
     # that a poison input takes no innocent request with it.
     suspects: deque = field(default_factory=deque)
     suspects_queued: int = 0
-    reserved: Worker | None = None  # left to drain for the next suspect; gets no new requests
+    reserved: Worker | None = None  # left to drain for the next suspect; gets no new batches
     workers: dict = field(default_factory=dict)
     expected: int = 0  # local replicas the supervisor keeps alive
     starting: int = 0
@@ -124,11 +116,22 @@ class ModelEntry:
     load_error: str | None = None
     metadata: dict | None = None
     version: str = ""
+    wake_at: float | None = None  # a batch waits for more rows (max_delay) until then
     served: int = 0
     errors: int = 0  # answered 5xx: the model raised, crashed, timed out or was unavailable
     client_errors: int = 0  # answered 4xx: bad requests and 429s are not the model's failures
     retried: int = 0
     crashed: int = 0
+    expired: int = 0  # answered 504 by the broker before they reached a worker
+    dispatched: int = 0  # requests sent to workers (retries included)
+    queue_seconds: float = 0.0  # summed over dispatched requests: admission (or requeue) to dispatch
+    batches: int = 0
+    batch_rows: int = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the broker (the queue and retries), not yet sent to a worker."""
+        return self.batcher.queue.requests + self.suspects_queued
 
     @property
     def ready(self) -> int:
@@ -155,6 +158,7 @@ class ModelEntry:
             "replicas_failed": self.failed,
             "replicas_expected": self.expected,
             "queue_depth": self.queued,
+            "queue_rows": self.batcher.queue.rows + sum(p.rows for p in self.suspects if p.where is QUEUED),
             "max_queue": self.max_queue,
             "queue_bytes": self.held_bytes,
             "max_queue_bytes": self.max_queue_bytes,
@@ -162,12 +166,18 @@ class ModelEntry:
             "served": self.served,
             "errors": self.errors,
             "client_errors": self.client_errors,
+            "expired": self.expired,
             "retried": self.retried,
             "crashed_requests": self.crashed,
+            "dispatched": self.dispatched,
+            "queue_seconds": round(self.queue_seconds, 6),
+            "batches": self.batches,
+            "batch_rows": self.batch_rows,
             "load_error": self.load_error,
             "workers": [
                 {**({"id": w.identity.decode(errors="replace"), "pid": w.pid} if detail else {}),
-                 "state": w.state.value, "capacity": w.capacity, "in_flight": len(w.inflight)}
+                 "state": w.state.value, "max_batch_size": w.max_rows, "prefetch": w.slots - 1,
+                 "in_flight": len(w.inflight), "batches": w.batches_sent, "rows": w.rows_sent}
                 for w in self.workers.values()
             ],
         }
@@ -198,10 +208,13 @@ class PoolState:
         self.default_max_queue = default_max_queue
         self.models: dict[bytes, ModelEntry] = {}
         self.workers: dict[bytes, Worker] = {}
+        self.held: dict[tuple[bytes, bytes], Pending] = {}  # (client, rid) of every request not answered
+        self.duplicates = 0  # requests dropped because their id was pending from the same client
         self.admitting = True
         self.outbox_clients: list[list] = []
         self.outbox_workers: list[list] = []
         self.lost_workers: list[tuple[bytes, str]] = []  # (identity, reason) for the supervisor
+        self._dirty: set[ModelEntry] = set()  # models whose queue or workers changed since dispatch()
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._seq = itertools.count()
         self._mmi = {
@@ -213,7 +226,7 @@ class PoolState:
     # --- configuration -------------------------------------------------------------------
 
     def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
-                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
+                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, max_delay_ms: float = 0.0) -> None:
         """Declare a served model; workers may register only for declared models."""
         key = name.encode()
         entry = self.models.get(key)
@@ -221,6 +234,7 @@ class PoolState:
             entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue, max_queue_bytes)
         entry.expected = expected
         entry.version = version
+        entry.batcher.max_delay = max_delay_ms / 1000.0
 
     def set_starting(self, model: str, count: int) -> None:
         """How many local replicas of the model are starting (process up, not READY yet)."""
@@ -259,7 +273,7 @@ class PoolState:
             model, rid = protocol.frame_bytes(frames[2]), protocol.frame_bytes(frames[3])
         except Exception:
             return
-        if 0 < len(rid) <= protocol.MAX_ID_BYTES and len(model) <= protocol.MAX_ID_BYTES:
+        if 0 < len(rid) <= protocol.MAX_ID_BYTES:
             self._reply_error(client, model, rid, InvalidInput("the broker could not handle this request"))
 
     def _client_message(self, client: bytes, frames: Sequence[Any]) -> None:
@@ -282,37 +296,56 @@ class PoolState:
             self._reply_error(client, model, rid, ModelNotFound(
                 f"model {quote(model)} is not served here; models served: {served}"))
             return
-        if header.get("op") == "metadata" and entry.metadata is not None:
+        if (client, rid) in self.held:
+            # A copy of a request still pending (a client resending after its connection dropped):
+            # running it twice would answer it twice.
+            self.duplicates += 1
+            self.limited.info("duplicate requests", "dropped a second copy of pending request client=%s rid=%s",
+                              client.hex()[:64], quote(rid, 32))
+            return
+        body = request.tensors
+        try:
+            _check_options(header)
+            key, rows = self._route(entry, header, len(body))
+        except PoolError as exc:
+            entry.failed_with(exc.status)
+            self._reply_error(client, model, rid, exc)
+            return
+        if key is None:  # metadata, answered from the READY cache
             self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
             return
-        body = list(frames[4:])
+        body = [frames[4], *body]
         size = sum(len(f) for f in body)
-        error = self._admission_error(entry, header, size)
+        error = self._admission_error(entry, size)
         if error is not None:
             entry.failed_with(error.status)
             self._reply_error(client, model, rid, error)
             return
+        now = self.now()
         timeout_ms = header.get("timeout_ms")
-        deadline = None if timeout_ms is None else self.now() + timeout_ms / 1000.0
-        pending = Pending(client, rid, model, body, deadline, size)
+        deadline = None if timeout_ms is None else now + timeout_ms / 1000.0
+        pending = Pending(client, rid, model, body, deadline=deadline, size=size, rows=rows, key=key,
+                          arrived=now, seq=next(self._seq))
+        self.held[(client, rid)] = pending
         entry.held_bytes += size
         self.held_bytes += size
-        entry.queue.append(pending)
-        entry.queued += 1
-        self._dispatch(entry)
-        if deadline is not None and pending.where is QUEUED:
-            # Only requests left waiting need a deadline watch; most are dispatched at once.
+        entry.batcher.queue.push(pending)
+        self._dirty.add(entry)
+        if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
 
-    def _admission_error(self, entry: ModelEntry, header: dict, size: int = 0) -> PoolError | None:
+    def _route(self, entry: ModelEntry, header: dict, tensors: int) -> tuple[Any, int]:
+        """(batch key, rows) of a request; key None for a metadata request the broker answers itself."""
+        if "op" in header:
+            if header["op"] != "metadata":
+                raise InvalidInput(f"unknown op {describe(header['op'])}; the only op is \"metadata\"")
+            if entry.metadata is not None:
+                return None, 0
+            return object(), 0  # no worker has registered yet: the first one answers, alone
+        return protocol.batch_key(header, tensors)
+
+    def _admission_error(self, entry: ModelEntry, size: int) -> PoolError | None:
         name = quote(entry.name)
-        timeout_ms = header.get("timeout_ms")
-        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
-                                       or not math.isfinite(timeout_ms) or timeout_ms < 0):
-            # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
-            return InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got {describe(timeout_ms)}")
-        if "parameters" in header and not isinstance(header["parameters"], dict):
-            return InvalidInput(f"parameters must be a map, got {describe(header['parameters'])}")
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")
         if entry.ready == 0:
@@ -332,13 +365,15 @@ class PoolState:
 
     def _done(self, entry: ModelEntry, pending: Pending) -> None:
         """The request is answered: let go of its payload (the deadline heap may keep the object)."""
-        pending.where, pending.body = DONE, []
+        pending.where, pending.body, pending.batch = DONE, [], None
+        self.held.pop((pending.client, pending.rid), None)
         entry.held_bytes -= pending.size
         self.held_bytes -= pending.size
         pending.size = 0
 
     def _malformed(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
-        # Answer when there is enough of an envelope to address a reply; otherwise drop.
+        # Answered whenever a reply can be addressed: the delimiter and a request-id of 1 to 255
+        # bytes; the model frame is echoed as sent. Anything less is dropped (and logged).
         try:
             model = protocol.frame_bytes(frames[2])
             rid = protocol.frame_bytes(frames[3])
@@ -347,7 +382,7 @@ class PoolState:
                                  "dropped malformed client message client=%s frames=%d: %s",
                                  client.hex()[:64], len(frames), exc)
             return
-        if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES or len(model) > protocol.MAX_ID_BYTES:
+        if protocol.frame_bytes(frames[0]) != b"" or not 0 < len(rid) <= protocol.MAX_ID_BYTES:
             self.limited.warning("malformed client messages", "dropped malformed client message client=%s: %s",
                                  client.hex()[:64], exc)
             return
@@ -411,14 +446,13 @@ class PoolState:
         if worker is not None:
             worker.last_heard = self.now()
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
-        if command is protocol.Command.REPLY or command is protocol.Command.REPLIES:
+        if command is protocol.Command.REPLIES:
             if worker is None:
                 self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
                                      quote(identity))
-            else:
-                for client, rid, status, body in protocol.message_groups(message):
-                    self._worker_reply(worker, client, rid, status, body)
-                self._dispatch(self.models[worker.model])
+                return
+            for item in fields:
+                self._worker_reply(worker, item)
         elif command is protocol.Command.READY:
             self._worker_ready(identity, worker, fields[0], fields[1])
         elif command is protocol.Command.HEARTBEAT:
@@ -426,16 +460,15 @@ class PoolState:
                 # A worker we do not know (this broker restarted): ask it to register again.
                 self.outbox_workers.append([identity, *protocol.encode_disconnect({"reconnect": True})])
         elif command is protocol.Command.DISCONNECT:
-            info = fields[0] if fields else {}
-            self._worker_disconnect(identity, worker, info)
+            self._worker_disconnect(identity, worker, fields[0] if fields else {})
         else:
             self.limited.warning("worker messages only the broker sends",
                                  "worker=%s sent %s, which only the broker sends; dropped", quote(identity),
                                  command.name)
 
     def _worker_ready(self, identity: bytes, worker: Worker | None, model: bytes, info: dict) -> None:
+        pid = info.get("pid") if _is_int(info.get("pid")) else None
         if worker is not None:
-            pid = info.get("pid") if isinstance(info.get("pid"), int) else None
             if pid == worker.pid and model == worker.model:
                 # The same process (it lost touch with a paused broker): nothing crashed. Its
                 # in-flight requests go back to the queue as they were.
@@ -447,31 +480,28 @@ class PoolState:
                                      "treating it as a new registration", quote(identity), burst=50)
                 self.worker_lost(identity, "replaced by a new registration")
         entry = self.models.get(model)
+        refusal = None
         if entry is None:
-            self.limited.warning("registrations refused", "refused READY for model=%s, which this pool does "
-                                 "not serve, from worker=%s", quote(model), quote(identity))
-            self.outbox_workers.append([identity, *protocol.encode_disconnect(
-                {"error": f"model {quote(model)} is not served by this pool"})])
+            refusal = f"model {quote(model)} is not served by this pool"
+        elif len(entry.workers) >= MAX_WORKERS_PER_MODEL:
+            refusal = f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"
+        if refusal is not None:
+            self.limited.warning("registrations refused", "refused READY from worker=%s: %s", quote(identity), refusal)
+            self.outbox_workers.append([identity, *protocol.encode_disconnect({"error": refusal})])
             return
-        if len(entry.workers) >= MAX_WORKERS_PER_MODEL:
-            self.limited.warning("registrations refused", "refused READY for model=%s from worker=%s: %d workers "
-                                 "registered already", quote(model), quote(identity), len(entry.workers))
-            self.outbox_workers.append([identity, *protocol.encode_disconnect(
-                {"error": f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"})])
-            return
-        capacity = info.get("capacity", 1)
-        if not isinstance(capacity, int) or isinstance(capacity, bool):
-            capacity = 1
+        rows = info.get("max_batch_size")
+        prefetch = info.get("prefetch", 1)
         version = info.get("version", "")
+        now = self.now()
         worker = Worker(
             identity=identity,
             model=model,
             version=version[:128] if isinstance(version, str) else "",
-            capacity=min(MAX_WORKER_CAPACITY, max(1, capacity)),
-            pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
-            expiry=self.now() + self.heartbeat_interval * self.heartbeat_liveness,
-            last_heard=self.now(),
-            batched=info.get("batched") is True,
+            max_rows=min(MAX_BATCH_ROWS, max(1, rows)) if _is_int(rows) else 1,
+            slots=1 + (min(MAX_PREFETCH, max(0, prefetch)) if _is_int(prefetch) else 1),
+            pid=pid,
+            expiry=now + self.heartbeat_interval * self.heartbeat_liveness,
+            last_heard=now,
         )
         self.workers[identity] = worker
         entry.workers[identity] = worker
@@ -480,28 +510,39 @@ class PoolState:
             entry.metadata = info["metadata"]
         if worker.version and not entry.version:
             entry.version = worker.version
-        self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s capacity=%d",
-                          quote(model), quote(identity), worker.pid, worker.capacity, burst=50)
-        self._dispatch(entry)
+        self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s max_batch_size=%d prefetch=%d",
+                          quote(model), quote(identity), worker.pid, worker.max_rows, worker.slots - 1, burst=50)
+        self._dirty.add(entry)
 
-    def _worker_reply(self, worker: Worker, client: bytes, rid: bytes, status: bytes, body: Sequence[Any]) -> None:
-        pending = worker.inflight.pop((client, rid), None)
+    def _worker_reply(self, worker: Worker, item: ReplyItem) -> None:
+        pending = worker.inflight.pop((item.client, item.rid), None)
         if pending is None:
             self.limited.warning("replies for unknown requests", "reply for unknown request worker=%s rid=%s dropped",
-                                 quote(worker.identity), quote(rid, 32))
+                                 quote(worker.identity), quote(item.rid, 32))
             return
         entry = self.models[worker.model]
-        if pending.crashes:
-            worker.solo = False
+        self._settle_batch(worker, pending, entry)
         self._done(entry, pending)
-        if status == protocol.OK:
+        if item.status == protocol.OK:
             entry.served += 1
         else:
-            entry.failed_with(status)
-        self.outbox_clients.append([client, b"", CLIENT, worker.model, rid, status, *body])
+            entry.failed_with(item.status)
+        self.outbox_clients.append([item.client, b"", CLIENT, worker.model, item.rid, item.status, *item.body])
+
+    def _settle_batch(self, worker: Worker, pending: Pending, entry: ModelEntry) -> None:
+        """One request of a batch is answered; the last one returns the worker's credit."""
+        batch = pending.batch
+        if batch is None:
+            return
+        batch.left -= 1
+        if batch.left == 0 and batch.worker is worker:
+            worker.batches -= 1
+            if pending.crashes:
+                worker.solo = False
+            self._dirty.add(entry)
 
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
-        error = info.get("error") if isinstance(info, dict) else None
+        error = info.get("error")
         if error and isinstance(error, str) and isinstance(info.get("model"), str):
             self.load_failed(info["model"], error[:2000])
         if worker is not None:
@@ -520,10 +561,14 @@ class PoolState:
         self._forget(worker)
         if entry.reserved is worker:
             entry.reserved = None
-        normal, suspects = [], []
-        for pending in worker.inflight.values():
-            if not crashed:
-                (suspects if pending.crashes else normal).append(pending)
+        suspects = []
+        for pending in sorted(worker.inflight.values(), key=_by_seq, reverse=True):
+            pending.batch = None
+            if not crashed and not pending.crashes:
+                entry.batcher.queue.push(pending, front=True)
+                self._watch(pending)
+            elif not crashed:
+                suspects.append(pending)
             elif pending.crashes >= 1:
                 entry.crashed += 1
                 entry.errors += 1
@@ -533,27 +578,26 @@ class PoolState:
                     "after it was in flight on another that died; it is not retried again"))
             else:
                 pending.crashes += 1
-                pending.flags = protocol.FLAG_SOLO
                 entry.retried += 1
                 suspects.append(pending)
-        worker.inflight.clear()
-        for pending in reversed(normal):
-            self._requeue(entry, pending, entry.queue)
-        for pending in reversed(suspects):
-            self._requeue(entry, pending, entry.suspects)
+        for pending in suspects:
+            pending.where = QUEUED
+            entry.suspects.appendleft(pending)
             entry.suspects_queued += 1
-        if crashed and (suspects or worker.capacity):
+            self._watch(pending)
+        if crashed and worker.inflight:
             self.limited.warning("workers lost", "worker lost model=%s worker=%s pid=%s reason=%s retried=%d",
                                  quote(entry.name), quote(identity), worker.pid, reason, len(suspects), burst=50)
+        worker.inflight.clear()
+        worker.batches = 0
         if crashed and entry.ready == 0 and entry.expected == 0 and entry.starting == 0:
             self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} has no live worker"))
-        self._dispatch(entry)
+        self._dirty.add(entry)
         return worker
 
-    def _requeue(self, entry: ModelEntry, pending: Pending, queue: deque) -> None:
-        pending.where = QUEUED
-        queue.appendleft(pending)
-        entry.queued += 1
+    def _watch(self, pending: Pending) -> None:
+        """Put a request that is waiting again under the deadline watch."""
+        pending.arrived = self.now()
         if pending.deadline is not None:
             heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
 
@@ -567,26 +611,49 @@ class PoolState:
 
     # --- dispatch, time ------------------------------------------------------------------
 
+    def dispatch(self) -> None:
+        """Form and send batches for every model whose queue or workers changed since the last call.
+
+        Called by the socket loop after it has read what arrived together, so that a burst of
+        requests becomes one batch rather than a batch of one followed by the rest.
+        """
+        while self._dirty:
+            entry = self._dirty.pop()
+            try:
+                self._dispatch(entry)
+            except Exception:  # a bug must not stop the loop; the requests wait for the next dispatch
+                self.limited.log(logging.ERROR, "internal errors in dispatch", "internal error dispatching model=%s",
+                                 quote(entry.name), exc_info=True)
+
     def _dispatch(self, entry: ModelEntry) -> None:
         if entry.suspects:
             self._dispatch_suspects(entry)
-        queue = entry.queue
-        if not queue:
+        batcher = entry.batcher
+        if not batcher.queue.requests:
             return
         reserved = entry.reserved
-        workers = [w for w in entry.workers.values() if w.state is WorkerState.READY and w is not reserved]
-        if not workers:
-            return
+        workers = [w for w in entry.workers.values() if w.usable and w is not reserved]
         now = self.now()
-        while queue:
-            best = max(workers, key=_free)
-            if best.free <= 0:
+        entry.wake_at = None
+        while batcher.queue.requests:
+            idle = [w for w in workers if w.batches == 0]
+            if idle:
+                worker = min(idle, key=_by_last_sent)
+            else:
+                open_ = [w for w in workers if w.batches < w.slots]
+                if not open_:
+                    return
+                worker = min(open_, key=_by_load)
+            decision = batcher.next_batch(limit=worker.max_rows, idle=worker.batches == 0, share=len(idle), now=now)
+            for pending in decision.expired:
+                self._expire(entry, pending)
+            if decision.batch:
+                self._send(entry, worker, decision.batch, now)
+            elif decision.wait_until is not None:
+                entry.wake_at = decision.wait_until
                 return
-            pending = queue.popleft()
-            if pending.where is DONE:
-                continue
-            entry.queued -= 1
-            self._send(entry, best, pending, now)
+            elif not decision.expired:
+                return
 
     def _dispatch_suspects(self, entry: ModelEntry) -> None:
         """Each suspect runs alone on an idle worker, and never on the last live one while others wait."""
@@ -594,7 +661,8 @@ class PoolState:
         entry.reserved = None
         now = self.now()
         while suspects:
-            if suspects[0].where is DONE:
+            pending = suspects[0]
+            if pending.where is not QUEUED:
                 suspects.popleft()
                 continue
             live = [w for w in entry.workers.values() if w.state is WorkerState.READY]
@@ -602,39 +670,45 @@ class PoolState:
             single = entry.expected <= 1 and entry.starting == 0 and len(live) <= 1  # waiting brings no other
             if len(live) < 2 and others_wait and not single:
                 return
-            idle = [w for w in live if not w.solo and not w.inflight]
+            idle = [w for w in live if not w.solo and w.batches == 0]
             if not idle:
                 candidates = [w for w in live if not w.solo]
                 if candidates and (len(live) >= 2 or not others_wait):
-                    entry.reserved = min(candidates, key=lambda w: len(w.inflight))  # let it drain
+                    entry.reserved = min(candidates, key=_by_load)  # let it drain
                 return
-            pending = suspects.popleft()
-            entry.queued -= 1
+            suspects.popleft()
             entry.suspects_queued -= 1
-            if self._send(entry, idle[0], pending, now):
-                idle[0].solo = True
+            if pending.deadline is not None and pending.deadline <= now:
+                self._expire(entry, pending)
+                continue
+            worker = min(idle, key=_by_last_sent)
+            worker.solo = True
+            self._send(entry, worker, [pending], now)
 
-    def _send(self, entry: ModelEntry, worker: Worker, pending: Pending, now: float) -> bool:
-        """Dispatch one request taken from a queue; False if it was answered instead."""
-        if pending.deadline is not None and pending.deadline <= now:
-            self._expire(entry, pending)
-            return False
-        key = (pending.client, pending.rid)
-        if key in worker.inflight:
-            self._done(entry, pending)
-            entry.client_errors += 1
-            self._reply_error(pending.client, pending.model, pending.rid, InvalidInput(
-                "request-id is already in flight from this client; use a new id for every request"))
-            return False
-        pending.where = INFLIGHT
-        worker.inflight[key] = pending
-        self.outbox_workers.append([worker.identity, b"", protocol.WORKER, protocol.Command.REQUEST.value,
-                                    pending.client, b"", pending.rid, pending.flags, *pending.body])
-        return True
+    def _send(self, entry: ModelEntry, worker: Worker, requests: list[Pending], now: float) -> None:
+        """Send requests taken from a queue to a worker as one BATCH."""
+        batch = Batch(worker, len(requests), sum(p.rows for p in requests))
+        items = []
+        for pending in requests:
+            pending.where = INFLIGHT
+            pending.batch = batch
+            worker.inflight[(pending.client, pending.rid)] = pending
+            entry.queue_seconds += now - pending.arrived
+            budget = None if pending.deadline is None else max(1, math.ceil((pending.deadline - now) * 1000))
+            items.append(BatchItem(pending.client, pending.rid, budget, pending.body))
+        worker.batches += 1
+        worker.batches_sent += 1
+        worker.rows_sent += batch.rows
+        worker.last_sent = now
+        entry.dispatched += len(requests)
+        entry.batches += 1
+        entry.batch_rows += batch.rows
+        self.outbox_workers.append([worker.identity, *protocol.encode_batch(items)])
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
         self._done(entry, pending)
         entry.errors += 1
+        entry.expired += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
             f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
             "the request never reached the model"))
@@ -642,16 +716,15 @@ class PoolState:
     def _fail_queue(self, entry: ModelEntry, error: PoolError) -> None:
         entry.suspects_queued = 0
         entry.reserved = None
-        while entry.queue or entry.suspects:
-            pending = (entry.queue or entry.suspects).popleft()
+        suspects, entry.suspects = entry.suspects, deque()
+        for pending in [*suspects, *entry.batcher.queue.drain()]:
             if pending.where is QUEUED:
                 self._done(entry, pending)
-                entry.queued -= 1
                 entry.failed_with(error.status)
                 self._reply_error(pending.client, pending.model, pending.rid, error)
 
     def tick(self) -> None:
-        """Expire queued requests past their deadline and workers past their liveness."""
+        """Expire queued requests past their deadline and workers past their liveness; wake delayed batches."""
         now = self.now()
         self.limited.flush()
         heap = self._deadlines
@@ -662,12 +735,16 @@ class PoolState:
             heapq.heapify(heap)
         while heap and heap[0][0] <= now:
             _, _, pending = heapq.heappop(heap)
-            if pending.where is QUEUED:  # left in the deque; dispatch skips it
+            if pending.where is QUEUED:  # left in its lane; the lane skips it
                 entry = self.models[pending.model]
-                entry.queued -= 1
                 if pending.crashes:
                     entry.suspects_queued -= 1
+                else:
+                    entry.batcher.queue.discard(pending)
                 self._expire(entry, pending)
+        for entry in self.models.values():
+            if entry.wake_at is not None and entry.wake_at <= now:
+                self._dirty.add(entry)
         for worker in list(self.workers.values()):
             silent = now - worker.last_heard
             if worker.inflight and silent > self.hang_timeout:
@@ -676,10 +753,14 @@ class PoolState:
             elif not worker.inflight and now > worker.expiry:
                 self.lost_workers.append((worker.identity, f"missed heartbeats for {silent:.1f}s"))
                 self.worker_lost(worker.identity, "heartbeat expired")
+        self.dispatch()
 
     def next_deadline(self) -> float | None:
-        """The earliest queued deadline, for the poll timeout."""
-        return self._deadlines[0][0] if self._deadlines else None
+        """The earliest queued deadline or delayed batch, for the poll timeout."""
+        times = [e.wake_at for e in self.models.values() if e.wake_at is not None]
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        return min(times) if times else None
 
     def heartbeat_all(self) -> None:
         """Queue a HEARTBEAT to every registered worker."""
@@ -700,5 +781,30 @@ class PoolState:
             self.outbox_workers.append([identity, *protocol.encode_disconnect()])
 
 
-def _free(worker: Worker) -> int:
-    return worker.free
+def _check_options(header: dict) -> None:
+    """Raise InvalidInput for a request option the broker cannot honour."""
+    if "timeout_ms" in header:
+        timeout_ms = header["timeout_ms"]
+        if (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                or not math.isfinite(timeout_ms) or timeout_ms < 0):
+            # NaN would sit on the deadline heap forever and stop tick() from expiring anything behind it.
+            raise InvalidInput(f"timeout_ms must be a non-negative number of milliseconds, got "
+                               f"{describe(timeout_ms)}; leave it out for no deadline")
+    if "parameters" in header and not isinstance(header["parameters"], dict):
+        raise InvalidInput(f"parameters must be a map, got {describe(header['parameters'])}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _by_seq(pending: Pending) -> int:
+    return pending.seq
+
+
+def _by_last_sent(worker: Worker) -> float:
+    return worker.last_sent
+
+
+def _by_load(worker: Worker) -> tuple[int, float]:
+    return worker.batches, worker.last_sent

@@ -53,7 +53,7 @@ class Supervisor:
         threads = m.threads or self._auto_threads
         return WorkerSpec(
             model=m.name, path=m.path, backend=self.backend, identity=slot.identity, version=m.version,
-            max_batch_size=m.max_batch_size, max_delay_ms=m.max_delay_ms, pad_to_bucket=m.pad_to_bucket,
+            max_batch_size=m.max_batch_size, prefetch=m.prefetch, pad_to_bucket=m.pad_to_bucket,
             intra_threads=threads, inter_threads=1 if threads <= 2 else 2, device=m.device, imports=m.imports,
             heartbeat_interval=self.config.heartbeat_interval, heartbeat_liveness=self.config.heartbeat_liveness,
             parent_pid=os.getpid(), log_level=self.config.log_level,
@@ -110,11 +110,15 @@ class Supervisor:
                  slot.process.pid if slot.process else None, slot.ready_since - slot.started_at)
         return True
 
-    def reap(self, slot: Slot) -> str:
-        """Collect an exited worker, schedule its restart; returns why it exited."""
+    def reap(self, slot: Slot) -> str | None:
+        """Collect an exited worker and schedule its restart; returns why it exited, or None if the
+        process has not been reaped yet (its sentinel fires a moment before waitpid can collect it:
+        ask again shortly, never block the broker's loop on it)."""
         process = slot.process
-        process.join(2.0)  # the sentinel fired: the process is exiting, waitpid may lag a moment
+        process.join(0)
         code = process.exitcode
+        if code is None:
+            return None
         was_ready = slot.ready_since is not None
         now = self.now()
         if was_ready and now - slot.ready_since >= STABLE_AFTER:

@@ -22,21 +22,21 @@ Client <-> broker (client uses DEALER and sends the empty frame itself, or REQ):
 
 Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the identity)::
 
-    READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, capacity, pid, metadata, ...}>
-    REQUEST    ""  "MDPW01"  0x02  <client>  ""  <request-id>  <flags>  <header>  <tensor>...
-    REPLY      ""  "MDPW01"  0x03  <client>  ""  <request-id>  <status>  <header>  <tensor>...
+    READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, pid, max_batch_size, prefetch, metadata}>
     HEARTBEAT  ""  "MDPW01"  0x04
-    DISCONNECT ""  "MDPW01"  0x05  [<info: msgpack {model, error}>]
-    REQUESTS   ""  "MDPW01"  0x06  <sizes>  { <client>  <request-id>  <flags>  <header>  <tensor>... }...
+    DISCONNECT ""  "MDPW01"  0x05  [<info: msgpack {model, error} | {reconnect: true}>]
+    BATCH      ""  "MDPW01"  0x06  <index>  { <client>  <request-id>  <header>  <tensor>... }...
     REPLIES    ""  "MDPW01"  0x07  <sizes>  { <client>  <request-id>  <status>  <header>  <tensor>... }...
 
-    flags      ASCII letters, "" for none; "S": run this request in a batch of its own (a retry
-               after a worker died with it in flight).
-    sizes      one little-endian uint16 per group: how many frames that group has (4 + tensors).
-               REQUESTS/REPLIES carry several requests/replies in one message, so that a batch
-               costs one message each way instead of one per request. The broker sends REQUESTS
-               only to workers whose READY info has "batched": true; such a worker may answer
-               with REPLIES.
+    index      msgpack array, one [frames, budget_ms] per request: how many frames the request
+               has (3 + tensors) and the milliseconds left before its deadline when the broker sent
+               it (nil: none). A worker answers 504 for a request whose budget ran out before it ran.
+    sizes      one little-endian uint32 per reply: how many frames it has (4 + tensors).
+
+    Credit: the broker sends a worker at most 1 + prefetch BATCH messages that it has not answered
+    in full (every request of a BATCH answered once, in one REPLIES or several). The requests of a
+    BATCH are compatible (same input names, datatypes and non-batch dimensions, same outputs) and
+    hold at most max_batch_size rows in all, unless it is one request larger than that.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-from modelpool.client.errors import PoolError, ProtocolError, error_from_wire
+from modelpool.client.errors import InvalidInput, PoolError, ProtocolError, error_from_wire
 
 CLIENT = b"MDPC01"
 WORKER = b"MDPW01"
@@ -62,20 +62,21 @@ MMI_SERVICE = b"mmi.service"
 MMI_MODELS = b"mmi.models"
 MMI_HEALTH = b"mmi.health"
 
-FLAG_SOLO = b"S"
-
 OK = b"200"
+
+# Frames before the first tensor frame: the transport receives those as bytes, the rest as zmq.Frame.
+REQUEST_TENSORS = 5  # a request after the ROUTER identity: "" MDPC01 model rid header | tensor...
+REPLY_TENSORS = 6  # a reply as a DEALER client receives it: "" MDPC01 model rid status header | tensor...
+WORKER_CONTROL = 4  # a worker message: "" MDPW01 command index/sizes/model | the rest
 
 
 class Command(bytes, enum.Enum):
     """MDP worker commands."""
 
     READY = b"\x01"
-    REQUEST = b"\x02"
-    REPLY = b"\x03"
     HEARTBEAT = b"\x04"
     DISCONNECT = b"\x05"
-    REQUESTS = b"\x06"
+    BATCH = b"\x06"
     REPLIES = b"\x07"
 
 
@@ -184,12 +185,18 @@ def unpack_header(frame: Any) -> dict:
     except msgpack.StackError:  # the C unpacker stops at 1024 levels
         raise ProtocolError(f"header nests deeper than {MAX_HEADER_DEPTH} levels") from None
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"header is not valid msgpack: {str(exc)[:120]}") from None
+        raise ProtocolError(f"header is not valid msgpack ({_reason(exc)})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {wire_type(header)}")
     if len(raw.translate(None, _NOT_CONTAINER_MARKERS)) > MAX_HEADER_DEPTH:
         _check_depth(header)
     return header
+
+
+def _reason(exc: Exception) -> str:
+    """A decoder's complaint in a few words, never empty."""
+    text = str(exc).strip()[:120]
+    return text or type(exc).__name__
 
 
 def frame_bytes(frame: Any) -> bytes:
@@ -303,6 +310,55 @@ def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def output_names(outputs: Any) -> tuple[str, ...]:
+    """The names a request's ``outputs`` asks for; () for all outputs (absent, nil or empty).
+
+    Entries are ``{"name": string}`` maps (as in KServe V2) or bare strings; a name given twice is
+    an error.
+    """
+    if outputs is None:
+        return ()
+    if not isinstance(outputs, (list, tuple)):
+        raise InvalidInput(f"outputs must be an array of names or {{\"name\": string}} maps, got {wire_type(outputs)}")
+    names = []
+    for item in outputs:
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str):
+            raise InvalidInput(f"outputs entries must be names or {{\"name\": string}} maps, got {wire_type(item)}")
+        names.append(name)
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidInput(f"outputs names {', '.join(quote(n) for n in repeated)} more than once; ask for each "
+                           "tensor once")
+    return tuple(names)
+
+
+def batch_key(header: dict, tensors: int) -> tuple[Any, int]:
+    """(key, rows) of an inference request, for batching: requests with equal keys can run in one call.
+
+    The key holds each input's name, datatype and dimensions after the first, and the outputs asked
+    for; rows is the first dimension, which every input must share. Raises InvalidInput or
+    ProtocolError for a header that no model could run.
+    """
+    inputs = header.get("inputs")
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise InvalidInput(f"inputs must be a non-empty array of tensor maps, got {wire_type(inputs)}")
+    if len(inputs) != tensors:
+        raise ProtocolError(f"header lists {len(inputs)} tensors but {tensors} tensor frames follow")
+    signature = []
+    rows = None
+    for meta in inputs:
+        name, datatype, shape = check_tensor_meta(meta)
+        if not shape:
+            raise InvalidInput(f"input {quote(name)}: a scalar has no batch dimension; send shape [1] for one row")
+        if rows is None:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise InvalidInput(f"inputs disagree on the batch size: {rows} and {shape[0]} rows")
+        signature.append((name, datatype, shape[1:]))
+    return (tuple(signature), output_names(header.get("outputs"))), rows
+
+
 def encode_tensors(tensors: dict[str, Any] | Iterable[tuple[str, Any]]) -> tuple[list[dict], list[Any]]:
     """(metadata list, frame list) for named tensors."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
@@ -403,8 +459,28 @@ def reply_error(reply: Reply) -> PoolError | None:
 # --- broker <-> worker -----------------------------------------------------------------------
 
 
+class BatchItem(NamedTuple):
+    """One request of a BATCH: who asked, its id, the milliseconds it has left (None: no deadline),
+    and the client's header and tensor frames, untouched."""
+
+    client: bytes
+    rid: bytes
+    budget_ms: int | None
+    body: list
+
+
+class ReplyItem(NamedTuple):
+    """One answer of a REPLIES: the request it answers, its status, and header and tensor frames."""
+
+    client: bytes
+    rid: bytes
+    status: bytes
+    body: list
+
+
 class WorkerMessage(NamedTuple):
-    """A parsed MDPW01 message; fields depend on the command (see module docstring)."""
+    """A parsed MDPW01 message: READY ``[model, info]``, DISCONNECT ``[info]`` or ``[]``, HEARTBEAT
+    ``[]``, BATCH a list of BatchItem, REPLIES a list of ReplyItem."""
 
     command: Command
     fields: list
@@ -429,77 +505,92 @@ def encode_disconnect(info: dict | None = None) -> list:
     return frames
 
 
-def encode_worker_request(client: bytes, rid: bytes, flags: bytes, body: Sequence[Any]) -> list:
-    """REQUEST frames from the broker; ``body`` is the client's header and tensor frames, untouched."""
-    return [b"", WORKER, Command.REQUEST.value, client, b"", rid, flags, *body]
+def encode_batch(items: Sequence[BatchItem]) -> list:
+    """BATCH frames from the broker (the worker's identity is prepended by the caller)."""
+    index, frames = [], [b"", WORKER, _BATCH, b""]
+    for item in items:
+        index.append((2 + len(item.body), item.budget_ms))
+        frames.append(item.client)
+        frames.append(item.rid)
+        frames.extend(item.body)
+    frames[3] = packb(index)
+    return frames
 
 
-def encode_worker_reply(
-    client: bytes, rid: bytes, status: bytes, header: dict | bytes, tensors: Sequence[Any] = ()
-) -> list:
-    """REPLY frames from a worker."""
-    packed = header if isinstance(header, bytes) else packb(header)
-    return [b"", WORKER, Command.REPLY.value, client, b"", rid, status, packed, *tensors]
+def encode_replies(items: Sequence[ReplyItem]) -> list:
+    """REPLIES frames from a worker."""
+    sizes = struct.pack(f"<{len(items)}I", *[3 + len(item.body) for item in items])
+    frames = [b"", WORKER, _REPLIES, sizes]
+    for item in items:
+        frames.append(item.client)
+        frames.append(item.rid)
+        frames.append(item.status)
+        frames.extend(item.body)
+    return frames
 
 
-_GROUP_FRAMES = 4  # client, request-id, flags or status, header
-MAX_GROUP_FRAMES = 0xFFFF  # a group's size travels as a uint16
-
-
-def encode_worker_requests(groups: Sequence[Sequence[Any]]) -> list:
-    """REQUESTS frames from the broker: each group is ``[client, rid, flags, header, *tensors]``."""
-    return [b"", WORKER, Command.REQUESTS.value, *_encode_groups(groups)]
-
-
-def encode_worker_replies(groups: Sequence[Sequence[Any]]) -> list:
-    """REPLIES frames from a worker: each group is ``[client, rid, status, header, *tensors]``."""
-    return [b"", WORKER, Command.REPLIES.value, *_encode_groups(groups)]
-
-
-def _encode_groups(groups: Sequence[Sequence[Any]]) -> list:
-    out = [struct.pack(f"<{len(groups)}H", *[len(g) for g in groups])]
-    for group in groups:
-        out.extend(group)
-    return out
-
-
-def _split_groups(command: Command, fields: list) -> list[tuple[bytes, bytes, bytes, list]]:
-    """(client, request-id, flags or status, [header, *tensors]) per group of REQUESTS/REPLIES."""
-    sizes_frame = frame_bytes(fields[0])
-    if not sizes_frame or len(sizes_frame) % 2:
-        raise ProtocolError(f"{command.name}: sizes frame must hold one uint16 per group, got {len(sizes_frame)} bytes")
-    sizes = struct.unpack(f"<{len(sizes_frame) // 2}H", sizes_frame)
-    if sum(sizes) != len(fields) - 1:
-        raise ProtocolError(f"{command.name}: sizes add up to {sum(sizes)} frames, message has {len(fields) - 1}")
-    groups, pos = [], 1
-    for size in sizes:
-        if size < _GROUP_FRAMES:
-            raise ProtocolError(f"{command.name}: a group needs at least {_GROUP_FRAMES} frames, got {size}")
+def _parse_batch(fields: list) -> list[BatchItem]:
+    index = unpack_any(fields[0], "BATCH index")
+    if not isinstance(index, list) or not index:
+        raise ProtocolError(f"BATCH: index must be a non-empty array, got {wire_type(index)}")
+    items, pos = [], 1
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 3
+                and (entry[1] is None or _is_int(entry[1]) and entry[1] >= 0)):
+            raise ProtocolError("BATCH: index entries must be [frames >= 3, budget_ms >= 0 or nil]")
+        end = pos + entry[0]
+        if end > len(fields):
+            raise ProtocolError(f"BATCH: index counts more frames than the message has ({len(fields) - 1})")
         client = _check_id(frame_bytes(fields[pos]), "client address")
         rid = _check_id(frame_bytes(fields[pos + 1]), "request-id")
-        groups.append((client, rid, frame_bytes(fields[pos + 2]), fields[pos + 3 : pos + size]))
+        items.append(BatchItem(client, rid, entry[1], fields[pos + 2:end]))
+        pos = end
+    if pos != len(fields):
+        raise ProtocolError(f"BATCH: {len(fields) - pos} frames left after the items the index counts")
+    return items
+
+
+def _parse_replies(fields: list) -> list[ReplyItem]:
+    sizes_frame = frame_bytes(fields[0])
+    if not sizes_frame or len(sizes_frame) % 4:
+        raise ProtocolError(f"REPLIES: sizes frame must hold one uint32 per reply, got {len(sizes_frame)} bytes")
+    sizes = struct.unpack(f"<{len(sizes_frame) // 4}I", sizes_frame)
+    if sum(sizes) != len(fields) - 1:
+        raise ProtocolError(f"REPLIES: sizes add up to {sum(sizes)} frames, message has {len(fields) - 1}")
+    items, pos = [], 1
+    for size in sizes:
+        if size < 4:
+            raise ProtocolError(f"REPLIES: a reply needs at least 4 frames (client, id, status, header), got {size}")
+        status = frame_bytes(fields[pos + 2])
+        if len(status) != 3 or not status.isdigit():
+            raise ProtocolError(f"REPLIES: status must be three ASCII digits, got {quote(status, 8)}")
+        items.append(ReplyItem(_check_id(frame_bytes(fields[pos]), "client address"),
+                               _check_id(frame_bytes(fields[pos + 1]), "request-id"), status,
+                               fields[pos + 3:pos + size]))
         pos += size
-    return groups
+    return items
 
 
-_MIN_FIELDS = {
-    Command.READY: 2,
-    Command.REQUEST: 5,
-    Command.REPLY: 5,
-    Command.HEARTBEAT: 0,
-    Command.DISCONNECT: 0,
-    Command.REQUESTS: 1 + _GROUP_FRAMES,
-    Command.REPLIES: 1 + _GROUP_FRAMES,
-}
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def unpack_any(frame: Any, what: str) -> Any:
+    """Decode a msgpack frame of any type within the header limits; ProtocolError otherwise."""
+    try:
+        return msgpack.unpackb(frame_bytes(frame), raw=False, strict_map_key=False, **_UNPACK_LIMITS)
+    except Exception as exc:
+        raise ProtocolError(f"{what} is not valid msgpack ({_reason(exc)})") from None
+
+
+_BATCH = Command.BATCH.value
+_REPLIES = Command.REPLIES.value
+_MIN_FIELDS = {Command.READY: 2, Command.HEARTBEAT: 0, Command.DISCONNECT: 0, Command.BATCH: 4,
+               Command.REPLIES: 5}
 
 
 def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
-    """Parse an MDPW01 message (after the ROUTER identity, if any); fields follow the command.
-
-    REQUEST and REPLY fields are the frames after the command, with client, request-id and
-    flags/status as bytes. REQUESTS and REPLIES fields are one ``(client, rid, flags or status,
-    [header, *tensors])`` tuple per group.
-    """
+    """Parse an MDPW01 message (after the ROUTER identity, if any); see WorkerMessage for the fields."""
     if len(frames) < 3:
         raise ProtocolError(f"a worker message needs at least 3 frames, got {len(frames)}")
     if frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != WORKER:
@@ -509,28 +600,14 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
         raise ProtocolError(f"unknown worker command 0x{frame_bytes(frames[2])[:8].hex()}")
     fields = list(frames[3:])
     if len(fields) < _MIN_FIELDS[command]:
-        raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} fields, got {len(fields)}")
-    if command in (Command.REQUEST, Command.REPLY):
-        fields[0] = _check_id(frame_bytes(fields[0]), "client address")
-        if frame_bytes(fields[1]) != b"":
-            raise ProtocolError(f"{command.name}: client address must be followed by an empty frame")
-        fields[2] = _check_id(frame_bytes(fields[2]), "request-id")
-        fields[3] = frame_bytes(fields[3])
+        raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} frames after the command, "
+                            f"got {len(fields)}")
+    if command is Command.BATCH:
+        fields = _parse_batch(fields)
+    elif command is Command.REPLIES:
+        fields = _parse_replies(fields)
     elif command is Command.READY:
-        fields[0] = _check_id(frame_bytes(fields[0]), "model name")
-        fields[1] = unpack_header(fields[1])
-    elif command is Command.DISCONNECT and fields:
-        fields[0] = unpack_header(fields[0])
-    elif command in (Command.REQUESTS, Command.REPLIES):
-        fields = _split_groups(command, fields)
+        fields = [_check_id(frame_bytes(fields[0]), "model name"), unpack_header(fields[1])]
+    elif command is Command.DISCONNECT:
+        fields = [unpack_header(fields[0])] if fields else []
     return WorkerMessage(command, fields)
-
-
-def message_groups(message: WorkerMessage) -> list[tuple[bytes, bytes, bytes, list]]:
-    """(client, request-id, flags or status, [header, *tensors]) of each request or reply a
-    REQUEST, REPLY, REQUESTS or REPLIES carries: one shape for the single and batched forms."""
-    command, fields = message
-    if command in (Command.REQUEST, Command.REPLY):
-        return [(fields[0], fields[2], fields[3], fields[4:])]
-    return fields
-

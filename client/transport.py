@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
+from modelpool.client.protocol import REPLY_TENSORS  # noqa: F401  (re-exported for the clients)
+
 _send = _BackendSocket.send
 _recv = _BackendSocket.recv
 _SNDMORE = int(zmq.SNDMORE)
-REPLY_TENSORS = 6  # a reply as a DEALER client receives it: "" MDPC01 model rid status header | tensor...
 _NOBLOCK = int(zmq.NOBLOCK)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from modelpool.client.errors import InvalidInput
-from modelpool.client.protocol import datatype_of, quote, wire_type
+from modelpool.client.protocol import datatype_of, output_names, quote
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,23 @@ class Runner:
         """Open Inference Protocol model metadata."""
         return {"name": name, "versions": [version], "platform": self.platform,
                 "inputs": [s.wire() for s in self.inputs], "outputs": [s.wire() for s in self.outputs],
-                "max_batch_size": self.max_batch_size}
+                "layers": self.layers(), "max_batch_size": self.max_batch_size}
+
+    def layers(self) -> list[str]:
+        """Names of the layers whose output a request may ask for besides the model's outputs."""
+        if self.platform == "tensorflow_savedmodel" or not hasattr(self.model, "inputs"):
+            return []
+        outputs = {o.name for o in self.outputs}
+        names = []
+        for layer in self.model.layers:
+            try:
+                tensor = layer.output
+            except (AttributeError, ValueError):
+                continue
+            if not isinstance(tensor, (list, tuple, dict)) and layer.name not in outputs \
+                    and type(layer).__name__ != "InputLayer":
+                names.append(layer.name)
+        return names
 
     def check_inputs(self, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Inputs in model order, or InvalidInput naming what is expected and what came."""
@@ -152,7 +168,7 @@ class Runner:
             tensors = {self.inputs[0].name: tensors[""]}
         expected = [s.name for s in self.inputs]
         if sorted(tensors) != sorted(expected):
-            raise InvalidInput(f"model expects inputs {expected}, got {sorted(tensors)}")
+            raise InvalidInput(f"model expects inputs {_names(expected)}, got {_names(sorted(tensors))}")
         arrays = []
         batch = None
         for spec in self.inputs:
@@ -160,15 +176,15 @@ class Runner:
             if array.dtype != spec.dtype:
                 want = _shape_text(spec.shape)
                 raise InvalidInput(
-                    f"input {spec.name!r}: expected {datatype_of(spec.dtype)} {want}, got "
-                    f"{datatype_of(array.dtype)} {list(array.shape)}; convert with .astype('{spec.dtype.name}')")
+                    f"input {quote(spec.name)}: expected {datatype_of(spec.dtype)} {want}, got "
+                    f"{datatype_of(array.dtype)} {_dims(array.shape)}; send {datatype_of(spec.dtype)} data")
             if array.ndim != len(spec.shape) or any(w is not None and w != g for w, g in zip(spec.shape[1:], array.shape[1:])):
                 want = _shape_text(spec.shape)
                 raise InvalidInput(
-                    f"input {spec.name!r}: expected shape {want} ({datatype_of(spec.dtype)}), got "
-                    f"{list(array.shape)}; the first dimension is the batch")
+                    f"input {quote(spec.name)}: expected shape {want} ({datatype_of(spec.dtype)}), got "
+                    f"{_dims(array.shape)}; the first dimension is the batch")
             if array.shape[0] == 0:
-                raise InvalidInput(f"input {spec.name!r}: batch is empty (shape {list(array.shape)})")
+                raise InvalidInput(f"input {quote(spec.name)}: batch is empty (shape {_dims(array.shape)})")
             if batch is not None and array.shape[0] != batch:
                 raise InvalidInput(f"inputs disagree on the batch size: {batch} and {array.shape[0]} rows")
             batch = array.shape[0]
@@ -177,17 +193,7 @@ class Runner:
 
     def check_outputs(self, outputs: Any) -> tuple:
         """Requested output names as a key; layer names are allowed for Keras models."""
-        if outputs is None:
-            return ()
-        if not isinstance(outputs, (list, tuple)):
-            raise InvalidInput(f"outputs must be an array of {{\"name\": ...}} maps, got {wire_type(outputs)}")
-        names = []
-        for item in outputs:
-            name = item.get("name") if isinstance(item, dict) else item
-            if not isinstance(name, str):
-                raise InvalidInput(f"outputs entries must be {{\"name\": string}} maps, got {wire_type(item)}")
-            names.append(name)
-        key = tuple(names)
+        key = output_names(outputs)
         if key:
             self._function(key)
         return key
@@ -226,7 +232,8 @@ class Runner:
         for i, tensor in enumerate(tensors):
             first = next(j for j, other in enumerate(tensors) if other is tensor)
             if first != i:
-                raise InvalidInput(f"outputs {names[first]!r} and {names[i]!r} are the same tensor; ask for it once")
+                raise InvalidInput(f"outputs {quote(names[first])} and {quote(names[i])} are the same tensor; "
+                                   "ask for it once")
         specs = [_spec(n, t.dtype, t.shape) for n, t in zip(names, tensors)]
         fn = self._compile(keras.Model(self._graph_inputs, tensors), specs)
         log.info("built sub-model for outputs %s", list(names))
@@ -237,21 +244,22 @@ class Runner:
         """The tensor a layer of the (outer) model produces in the model's graph, by layer name."""
         known = [o.name for o in self.outputs]
         if not hasattr(self.model, "inputs"):
-            raise InvalidInput(f"unknown output {name!r}; a subclassed model has no intermediate outputs, "
-                               f"its outputs are {known}")
+            raise InvalidInput(f"unknown output {quote(name)}; a subclassed model has no intermediate outputs, "
+                               f"its outputs are {_names(known)}")
         try:
             layer = self.model.get_layer(name)
         except ValueError:
             layers = [layer.name for layer in self.model.layers]
-            raise InvalidInput(f"unknown output {name!r}; model outputs are {known}, layers are {layers}") from None
+            raise InvalidInput(f"unknown output {quote(name)}; model outputs are {_names(known)}, layers are "
+                               f"{_names(layers)}") from None
         try:
             tensor = layer.output
         except (AttributeError, ValueError):  # never called on symbolic inputs
-            raise InvalidInput(f"layer {name!r} has no output in this model's graph; "
-                               f"model outputs are {known}") from None
+            raise InvalidInput(f"layer {quote(name)} has no output in this model's graph; "
+                               f"model outputs are {_names(known)}") from None
         if isinstance(tensor, (list, tuple, dict)):
-            raise InvalidInput(f"layer {name!r} has several outputs; only single-output layers can be asked "
-                               f"for by name (model outputs are {known})")
+            raise InvalidInput(f"layer {quote(name)} has several outputs; only single-output layers can be asked "
+                               f"for by name (model outputs are {_names(known)})")
         return tensor
 
     def _warm(self, fn: Callable, specs: list[TensorSpec]) -> None:
@@ -332,7 +340,7 @@ def _load_error(exc: Exception, platform: str, imports: tuple) -> Exception:
         return exc
     advice = (f"To serve a model with custom classes (custom layers, subclassed models), decorate each class with "
               f"@keras.saving.register_keras_serializable() and list the module that defines it in this model's "
-              f"`imports` (imported now: {list(imports)}); or serve a SavedModel made with model.export(path).")
+              f"`imports` (imported now: {_names(imports)}); or serve a SavedModel made with model.export(path).")
     if platform == "keras_h5":  # Keras 3 writes these to .h5 but cannot read them back, registered or not
         advice += (" Keras cannot read a subclassed model, or a functional model with a mask op such as NotEqual "
                    "(from Embedding(mask_zero=True)), back from a legacy .h5 file: save the model as .keras instead.")
@@ -425,8 +433,17 @@ def _input_name(tensor: Any) -> str:
     return name.split(":")[0]
 
 
-def _shape_text(shape: tuple) -> list:
-    return ["batch" if i == 0 else ("any" if d is None else d) for i, d in enumerate(shape)]
+def _shape_text(shape: tuple) -> str:
+    return "[" + ", ".join("batch" if i == 0 else ("any" if d is None else str(d)) for i, d in enumerate(shape)) + "]"
+
+
+def _dims(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _names(names: Sequence[str]) -> str:
+    """Names as a JSON-style list, quoted and escaped, for messages read in any language."""
+    return "[" + ", ".join(quote(n) for n in names) + "]"
 
 
 def _buckets(max_batch_size: int) -> list[int]:

@@ -14,7 +14,7 @@ class WorkerSpec:
     identity: bytes
     version: str = "1"
     max_batch_size: int = 32
-    max_delay_ms: float = 0.0
+    prefetch: int = 1  # batches this worker takes ahead of the one it runs
     pad_to_bucket: bool = False
     intra_threads: int = 1
     inter_threads: int = 1

@@ -13,21 +13,20 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
 
 from modelpool.client import protocol
-from modelpool.client.errors import InvalidInput, ModelError, PoolError, ProtocolError
-from modelpool.client.protocol import Command
+from modelpool.client.errors import InvalidInput, ModelError, PoolError, ProtocolError, RequestTimeout
+from modelpool.client.protocol import BatchItem, Command, ReplyItem
 from modelpool.client.transport import recv_frames, send_frames
 from modelpool.modelproc.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
 EXIT_LOAD_FAILED = 3
-_FIRST_TENSOR = 8  # "" MDPW01 command client "" rid flags header | tensor...
 _PR_SET_PDEATHSIG = 1
 
 
@@ -47,9 +46,8 @@ def main(spec: WorkerSpec) -> None:
     try:
         runner = worker.load()
     except Exception as exc:  # any loader error is reported, with its own message
-        reason = f"{type(exc).__name__}: {exc}"
-        log.error("model=%s failed to load from %s: %s", spec.model, spec.path, reason)
-        worker.report_load_failure(reason)
+        log.error("model=%s failed to load from %s: %s: %s", spec.model, spec.path, type(exc).__name__, exc)
+        worker.report_load_failure(short_error(exc))  # clients see it: no paths, no tracebacks
         sys.exit(EXIT_LOAD_FAILED)
     worker.serve(runner)
 
@@ -84,7 +82,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}")
-_FRAME_LINE = re.compile(r"^(Traceback|File |Detected at node|\[\[|\^)")
+_FRAME_LINE = re.compile(r'^(Traceback|File "|Detected at node|\[\[|\^)')
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning)\b[^:]*: ")
 _SHORT_ERROR = 200
 
@@ -111,6 +109,15 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{more}" if first else f"{type(exc).__name__}{more}"
 
 
+class Prepared(NamedTuple):
+    """A request of a batch, checked and decoded, ready to be stacked with others."""
+
+    client: bytes
+    rid: bytes
+    inputs: list
+    rows: int
+
+
 class Worker:
     """One model replica's connection to the broker and its serve loop."""
 
@@ -119,15 +126,15 @@ class Worker:
         self.ctx = zmq.Context()
         self.socket: zmq.Socket | None = None
         self.model_b = spec.model.encode()
-        self.pending: deque = deque()  # (client, rid, group key, inputs, rows) waiting for a batch
-        self.pending_rows = 0
-        self.replies: list[list] = []  # [client, rid, status, header, *tensors], sent together
+        self.batches: deque = deque()  # (received at, [BatchItem]) in arrival order: at most 1 + prefetch
+        self.replies: list[ReplyItem] = []  # sent together after each batch
         self.liveness = spec.heartbeat_liveness
         self.broker_expiry = 0.0
         self.last_sent = 0.0
         self.running = True
         self.metadata: dict = {}
         self.served = 0
+        self.expired = 0
         self._reregister = False
         self._broker_lost_since: float | None = None
 
@@ -170,9 +177,8 @@ class Worker:
         self.ctx.term()
 
     def _ready(self) -> None:
-        info = {"version": self.spec.version, "capacity": self.spec.max_batch_size,
-                "max_batch_size": self.spec.max_batch_size, "pid": os.getpid(), "metadata": self.metadata,
-                "batched": True}
+        info = {"version": self.spec.version, "max_batch_size": self.spec.max_batch_size,
+                "prefetch": self.spec.prefetch, "pid": os.getpid(), "metadata": self.metadata}
         # Re-registration uses the same connection: the broker's ROUTER refuses a second connection
         # with an identity it still has (no handover), and ZeroMQ reconnects this one by itself
         # when a broker restarts.
@@ -185,29 +191,27 @@ class Worker:
     # --- the loop ------------------------------------------------------------------------
 
     def serve(self, runner: Any) -> None:
-        """Receive, batch, run, reply; heartbeat from this loop so a wedged call goes silent."""
+        """Receive batches, run them in order, reply; heartbeat from this loop so a wedged call goes silent."""
         self.runner = runner
         self._ready()
         interval = self.spec.heartbeat_interval
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while self.running:
-            timeout = 0 if self.pending else interval * 1000
-            if poller.poll(timeout):
+            if self.batches or poller.poll(interval * 1000):
                 self._drain()
-                if self.spec.max_delay_ms and self.pending:
-                    self._wait_for_more()
-            if self.pending:
-                self._run_pending()
+            if self.batches:
+                self._run_batch(*self.batches.popleft())
             if self.replies:
                 self._send_replies()
-            self._housekeeping(poller)
-        log.info("model=%s worker leaving after %d requests", self.spec.model, self.served)
+            self._housekeeping()
+        log.info("model=%s worker leaving after %d requests (%d expired before they ran)", self.spec.model,
+                 self.served, self.expired)
         if self.socket is not None:
             self.socket.close(linger=1000)
         self.ctx.term()
 
-    def _housekeeping(self, poller: zmq.Poller) -> None:
+    def _housekeeping(self) -> None:
         now = time.monotonic()
         if self.spec.parent_pid and os.getppid() != self.spec.parent_pid:
             log.error("launcher pid=%d is gone; exiting", self.spec.parent_pid)
@@ -229,43 +233,34 @@ class Worker:
                 log.warning("broker silent for %.1fs; reconnecting", now - self.broker_expiry
                             + self.spec.heartbeat_interval * self.liveness)
             self._reregister = False
-            self.pending.clear()  # the broker that sent them is gone or has retried them
-            self.pending_rows = 0
+            self.batches.clear()  # the broker that sent them is gone or has re-queued them
             self.replies.clear()
             self._ready()
 
     def _drain(self) -> None:
-        rows = self.pending_rows
+        """Read every message waiting from the broker."""
         sock = self.socket
-        while rows < self.spec.max_batch_size:
+        while True:
             try:
-                frames = recv_frames(sock, _FIRST_TENSOR)
+                frames = recv_frames(sock, protocol.WORKER_CONTROL)
             except zmq.Again:
                 return
-            rows += self._handle(frames)
+            self._handle(frames)
 
-    def _wait_for_more(self) -> None:
-        deadline = time.monotonic() + self.spec.max_delay_ms / 1000.0
-        while self.pending_rows < self.spec.max_batch_size:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(left * 1000, zmq.POLLIN):
-                return
-            self._drain()
-
-    def _handle(self, frames: list) -> int:
-        """Process one message from the broker; returns rows added to the pending batch."""
-        self.broker_expiry = time.monotonic() + self.spec.heartbeat_interval * self.liveness
+    def _handle(self, frames: list) -> None:
+        """Process one message from the broker."""
+        now = time.monotonic()
+        self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
         self._broker_lost_since = None
         try:
-            message = protocol.parse_worker_message(frames)
+            command, fields = protocol.parse_worker_message(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from broker: %s", exc)
-            return 0
-        command, fields = message
-        if command is Command.REQUEST or command is Command.REQUESTS:
-            return sum(self._accept(*group) for group in protocol.message_groups(message))
-        if command is Command.DISCONNECT:
-            info = fields[0] if fields and isinstance(fields[0], dict) else {}
+            return
+        if command is Command.BATCH:
+            self.batches.append((now, fields))
+        elif command is Command.DISCONNECT:
+            info = fields[0] if fields else {}
             if info.get("reconnect"):
                 log.info("broker does not know this worker (it restarted?); registering again")
                 self._reregister = True
@@ -275,78 +270,79 @@ class Worker:
             else:
                 log.info("broker asked this worker to disconnect")
                 self.running = False
-        return 0
 
-    def _accept(self, client: bytes, rid: bytes, flags: bytes, body: list) -> int:
+    def _run_batch(self, received: float, items: list[BatchItem]) -> None:
+        """Answer a batch: expired requests 504 without running them, the rest in as few calls as
+        their shapes allow (one, when the broker formed the batch)."""
+        now = time.monotonic()
+        groups: dict[tuple, list[Prepared]] = {}
+        for item in items:
+            if item.budget_ms is not None and received + item.budget_ms / 1000.0 <= now:
+                self.expired += 1
+                self._reply_error(item.client, item.rid, RequestTimeout(
+                    f"deadline passed while the request waited in a worker of model {protocol.quote(self.spec.model)} "
+                    f"behind another batch ({(now - received) * 1000:.0f} ms); the model did not run it"))
+                continue
+            prepared = self._prepare(item)
+            if prepared is not None:
+                key, request = prepared
+                groups.setdefault(key, []).append(request)
+        for key, group in groups.items():
+            self._run_group(group, key[0])
+
+    def _prepare(self, item: BatchItem) -> tuple[tuple, Prepared] | None:
+        """(group key, request) ready to run, or None when it was answered here (metadata, errors)."""
         try:
-            header = protocol.unpack_header(body[0])
+            header = protocol.unpack_header(item.body[0])
             if header.get("op") == "metadata":
-                self._reply(client, rid, protocol.OK, self.metadata)
-                return 0
+                self._reply(item.client, item.rid, protocol.OK, self.metadata)
+                return None
             if "op" in header:
                 raise InvalidInput(f"unknown op {protocol.describe(header['op'])}; the only op is \"metadata\"")
-            tensors = protocol.decode_tensors(header.get("inputs", []), body[1:])
+            tensors = protocol.decode_tensors(header.get("inputs", []), item.body[1:])
             inputs = self.runner.check_inputs(tensors)
-            key = self.runner.check_outputs(header.get("outputs"))
+            outputs = self.runner.check_outputs(header.get("outputs"))
         except PoolError as exc:
-            self._reply_error(client, rid, exc)
-            return 0
+            self._reply_error(item.client, item.rid, exc)
+            return None
         except Exception as exc:  # building a sub-model for a layer can fail in Keras
-            log.warning("model=%s could not prepare request rid=%s: %s: %s", self.spec.model, protocol.quote(rid, 32),
-                        type(exc).__name__, exc)
-            self._reply_error(client, rid, ModelError(short_error(exc)))
-            return 0
-        rows = inputs[0].shape[0]
-        group = (key, tuple((x.dtype.str, x.shape[1:]) for x in inputs), flags == protocol.FLAG_SOLO and rid)
-        self.pending.append((client, rid, group, inputs, rows))
-        self.pending_rows += rows
-        return rows
+            log.warning("model=%s could not prepare request rid=%s: %s: %s", self.spec.model,
+                        protocol.quote(item.rid, 32), type(exc).__name__, exc)
+            self._reply_error(item.client, item.rid, ModelError(short_error(exc)))
+            return None
+        key = (outputs, tuple((x.dtype.str, x.shape[1:]) for x in inputs))
+        return key, Prepared(item.client, item.rid, inputs, inputs[0].shape[0])
 
-    def _run_pending(self) -> None:
-        """Run up to max_batch_size rows of compatible requests as one call."""
-        limit = self.spec.max_batch_size
-        first = self.pending.popleft()
-        batch, rows, rest = [first], first[4], deque()
-        while self.pending:
-            item = self.pending.popleft()
-            if item[2] == first[2] and rows + item[4] <= limit and not first[2][2]:
-                batch.append(item)
-                rows += item[4]
-            else:
-                rest.append(item)
-        rest.extend(self.pending)
-        self.pending = rest
-        self.pending_rows -= rows
-        self._run_batch(batch)
-
-    def _run_batch(self, batch: list) -> None:
-        key = batch[0][2][0]
+    def _run_group(self, group: list[Prepared], outputs: tuple) -> None:
+        """Run compatible requests as one call; if it raises, halve the group until the requests that
+        fail are found, so the others are still answered."""
         try:
-            if len(batch) == 1:
-                inputs = batch[0][3]
+            if len(group) == 1:
+                inputs = group[0].inputs
             else:
-                inputs = [np.concatenate([item[3][i] for item in batch]) for i in range(len(batch[0][3]))]
-            outputs = self._call(inputs, key)
+                inputs = [np.concatenate([request.inputs[i] for request in group])
+                          for i in range(len(group[0].inputs))]
+            results = self._call(inputs, outputs)
         except Exception as exc:
-            if len(batch) > 1:
-                for item in batch:  # find the request that fails, answer the others
-                    self._run_batch([item])
+            if len(group) > 1:
+                half = len(group) // 2
+                self._run_group(group[:half], outputs)
+                self._run_group(group[half:], outputs)
                 return
-            log.warning("model=%s raised on request rid=%s: %s: %s", self.spec.model, protocol.quote(batch[0][1], 32),
-                        type(exc).__name__, exc)
-            self._reply_error(batch[0][0], batch[0][1], ModelError(f"model raised {short_error(exc)}"))
+            log.warning("model=%s raised on request rid=%s: %s: %s", self.spec.model,
+                        protocol.quote(group[0].rid, 32), type(exc).__name__, exc)
+            self._reply_error(group[0].client, group[0].rid, ModelError(f"model raised {short_error(exc)}"))
             return
         start = 0
-        for client, rid, _, _, rows in batch:
+        for request in group:
             metas, frames = [], []
-            for spec, array in outputs:
-                part = array[start:start + rows]
-                meta, frame = protocol.encode_tensor(spec.name, part)
+            for spec, array in results:
+                meta, frame = protocol.encode_tensor(spec.name, array[start:start + request.rows])
                 metas.append(meta)
                 frames.append(frame)
-            start += rows
+            start += request.rows
             header = {"model_name": self.spec.model, "model_version": self.spec.version, "outputs": metas}
-            self._reply(client, rid, protocol.OK, header, frames)
+            self._reply(request.client, request.rid, protocol.OK, header, frames)
             self.served += 1
 
     def _call(self, inputs: list, key: tuple) -> list:
@@ -354,27 +350,21 @@ class Worker:
         rows = inputs[0].shape[0]
         if rows <= limit:
             return self.runner.run(inputs, key)
+        # one request larger than a batch: run it in slices of max_batch_size rows
         parts = [self.runner.run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
         return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
-        self.replies.append([client, rid, status, protocol.packb(header), *tensors])
+        self.replies.append(ReplyItem(client, rid, status, [protocol.packb(header), *tensors]))
 
     def _reply_error(self, client: bytes, rid: bytes, error: PoolError) -> None:
-        self.replies.append([client, rid, error.status, protocol.error_header(error)])
+        self.replies.append(ReplyItem(client, rid, error.status, [protocol.error_header(error)]))
 
     def _send_replies(self) -> None:
-        """Everything answered since the last call: one REPLY, or one REPLIES for several."""
-        replies = self.replies
-        if len(replies) == 1:
-            client, rid, status, header, *tensors = replies[0]
-            frames = protocol.encode_worker_reply(client, rid, status, header, tensors)
-        else:
-            frames = protocol.encode_worker_replies(replies)
-        send_frames(self.socket, frames)
+        """Everything answered since the last call, in one REPLIES message."""
+        send_frames(self.socket, protocol.encode_replies(self.replies))
         self.replies = []
         self.last_sent = time.monotonic()
-
 
 
 def add_arguments(parser: Any) -> None:
@@ -384,7 +374,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--path", required=True, help=".keras, .h5 or SavedModel directory")
     parser.add_argument("--version", default="1")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-delay-ms", type=float, default=0.0)
+    parser.add_argument("--prefetch", type=int, default=1, help="batches taken ahead of the one running (0-8)")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0 = all cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--imports", nargs="*", default=[], help="modules to import first (custom layers)")
@@ -403,7 +393,7 @@ def run_standalone(args: Any) -> int:
     identity = f"{args.name}/remote-{socket.gethostname()}-{os.getpid()}".encode()[: protocol.MAX_ID_BYTES]
     main(WorkerSpec(
         model=args.name, path=args.path, backend=args.backend, identity=identity, version=args.version,
-        max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, intra_threads=threads,
+        max_batch_size=args.max_batch_size, prefetch=args.prefetch, intra_threads=threads,
         inter_threads=1 if threads <= 2 else 2, device=args.device, imports=tuple(args.imports),
         heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
         orphan_timeout=args.orphan_timeout, log_level=args.log_level,

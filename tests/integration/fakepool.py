@@ -78,7 +78,8 @@ class FakePool:
 
 
 class EchoWorker(threading.Thread):
-    """A worker thread that registers for ``model`` and answers each REQUEST with status 200 and its body."""
+    """A worker thread that registers for ``model`` and answers each request of a BATCH with status 200
+    and its body."""
 
     def __init__(self, endpoint: str, model: str = "m", identity: bytes = b"echo/0", capacity: int = 4,
                  heartbeat: float = 0.5) -> None:
@@ -98,20 +99,19 @@ class EchoWorker(threading.Thread):
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
-        sock.send_multipart(p.encode_ready(self.model, {"version": "1", "capacity": self.capacity,
-                                                        "pid": os.getpid()}))
+        info = {"version": "1", "max_batch_size": self.capacity, "prefetch": 1, "pid": os.getpid()}
+        sock.send_multipart(p.encode_ready(self.model, info))
         last = time.monotonic()
         try:
             while not self.stopping.is_set():
                 if sock.poll(100):
                     message = p.parse_worker_message(sock.recv_multipart())
-                    if message.command is p.Command.REQUEST:
-                        client, _, rid, _flags, *body = message.fields
-                        sock.send_multipart(p.encode_worker_reply(client, rid, p.OK, body[0], body[1:]))
-                        self.served += 1
+                    if message.command is p.Command.BATCH:
+                        sock.send_multipart(p.encode_replies(
+                            [p.ReplyItem(item.client, item.rid, p.OK, item.body) for item in message.fields]))
+                        self.served += len(message.fields)
                     elif message.command is p.Command.DISCONNECT:
-                        sock.send_multipart(p.encode_ready(self.model, {"version": "1", "capacity": self.capacity,
-                                                                        "pid": os.getpid()}))
+                        sock.send_multipart(p.encode_ready(self.model, info))
                 if time.monotonic() - last >= self.heartbeat:
                     sock.send_multipart(p.encode_heartbeat())
                     last = time.monotonic()

@@ -29,7 +29,8 @@ def stalled_worker(endpoint: str, stop: threading.Event) -> None:
     sock.setsockopt(zmq.IDENTITY, b"stalled/0")
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    sock.send_multipart(protocol.encode_ready("m", {"version": "1", "capacity": 1, "pid": os.getpid()}))
+    sock.send_multipart(protocol.encode_ready("m", {"version": "1", "max_batch_size": 1, "prefetch": 0,
+                                                     "pid": os.getpid()}))
     while not stop.is_set():
         while sock.poll(0):
             sock.recv_multipart()

@@ -127,14 +127,14 @@ def test_wrong_dtype_on_the_wire_names_expected_and_received(pool):
 def test_wrong_shape_names_expected_and_received(pool):
     with pytest.raises(InvalidInput) as info:
         pool.client.predict("a", np.ones((2, 5), "float32"))
-    assert "expected shape ['batch', 8]" in str(info.value) and "got [2, 5]" in str(info.value)
+    assert "expected shape [batch, 8]" in str(info.value) and "got [2, 5]" in str(info.value)
     _ok(pool)
 
 
 def test_wrong_input_names_and_unknown_output(pool):
-    with pytest.raises(InvalidInput, match=r"expects inputs \['in_a', 'in_b'\]"):
+    with pytest.raises(InvalidInput, match=r'expects inputs \["in_a", "in_b"\]'):
         pool.client.infer("multi", {"in_a": np.ones((1, 4), "float32")})
-    with pytest.raises(InvalidInput, match="unknown output 'nope'.*layers are"):
+    with pytest.raises(InvalidInput, match='unknown output "nope".*layers are'):
         pool.client.infer("a", {"x": np.ones((1, 8), "float32")}, outputs=["nope"])
     _ok(pool)
 

@@ -1,6 +1,7 @@
 """The worker's batching logic with a fake model (no TensorFlow): stacking, splitting, grouping."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ class FakeRunner:
 
     def check_inputs(self, tensors: dict) -> list:
         if list(tensors) != ["x"]:
-            raise InvalidInput(f"model expects inputs ['x'], got {sorted(tensors)}")
+            raise InvalidInput(f"model expects inputs [\"x\"], got {json.dumps(sorted(tensors))}")
         return [tensors["x"]]
 
     def check_outputs(self, outputs) -> tuple:
@@ -63,154 +64,140 @@ def rig(tmp_path):
     ctx.term()
 
 
-def _send(router, rid: bytes, x: np.ndarray, flags: bytes = b"") -> None:
-    metas, frames = protocol.encode_tensors({"x": x})
-    router.send_multipart([b"w1", *protocol.encode_worker_request(b"client", rid, flags, [protocol.packb({"inputs": metas}), *frames])])
+def _item(rid: bytes, x: np.ndarray, budget_ms: int | None = None, name: str = "x") -> protocol.BatchItem:
+    metas, frames = protocol.encode_tensors({name: x})
+    return protocol.BatchItem(b"client", rid, budget_ms, [protocol.packb({"inputs": metas}), *frames])
 
 
-def _settle(worker, count: int) -> None:
-    """Run the worker's serve-loop steps until ``count`` requests were taken and all batches ran."""
-    time.sleep(0.2)  # let every message reach the worker's socket, as under load
-    got = 0
-    while got < count or worker.pending:
-        if got < count and worker.socket.poll(5000 if not worker.pending else 0):
-            before = len(worker.pending)
+def _send(router, *items: protocol.BatchItem) -> None:
+    router.send_multipart([b"w1", *protocol.encode_batch(items)])
+
+
+def _settle(worker, batches: int) -> None:
+    """Run the worker's serve-loop steps until ``batches`` BATCH messages were received and run."""
+    ran = 0
+    while ran < batches:
+        if not worker.batches:
+            assert worker.socket.poll(5000)
             worker._drain()
-            got += len(worker.pending) - before
-        if worker.pending:
-            worker._run_pending()
+        while worker.batches:
+            worker._run_batch(*worker.batches.popleft())
+            ran += 1
         if worker.replies:
             worker._send_replies()
 
 
 def _replies(router, count: int, messages: list | None = None) -> dict:
-    """``count`` replies by request-id, from REPLY or REPLIES messages (their commands go to ``messages``)."""
+    """``count`` replies by request-id (the REPLIES messages they came in go to ``messages``)."""
     out = {}
     while len(out) < count:
         assert router.poll(5000)
         frames = router.recv_multipart()
         message = protocol.parse_worker_message(frames[1:])
-        assert message.command in (protocol.Command.REPLY, protocol.Command.REPLIES)
+        assert message.command is protocol.Command.REPLIES
         if messages is not None:
-            messages.append(message.command)
-        for _, rid, status, body in protocol.message_groups(message):
-            header, tensors = protocol.unpack_header(body[0]), body[1:]
-            assert rid not in out
-            out[rid] = (status, header,
-                        protocol.decode_tensors(header.get("outputs", []), tensors) if status == b"200" else None)
+            messages.append(len(message.fields))
+        for item in message.fields:
+            header, tensors = protocol.unpack_header(item.body[0]), item.body[1:]
+            assert item.rid not in out
+            out[item.rid] = (item.status, header, protocol.decode_tensors(header.get("outputs", []), tensors)
+                             if item.status == b"200" else None)
     return out
 
 
-def test_waiting_requests_run_as_one_call_and_are_split_back(rig):
+def test_a_batch_runs_as_one_call_and_is_split_back_in_one_replies(rig):
     worker, router = rig
     xs = {f"r{i}".encode(): np.full((i + 1, 3), i, "float32") for i in range(3)}  # 1 + 2 + 3 rows
-    for rid, x in xs.items():
-        _send(router, rid, x)
-    _settle(worker, 3)
+    _send(router, *[_item(rid, x) for rid, x in xs.items()])
+    _settle(worker, 1)
     assert worker.runner.calls == [6]
-    replies = _replies(router, 3)
+    messages: list = []
+    replies = _replies(router, 3, messages)
+    assert messages == [3]
     for rid, x in xs.items():
         status, header, outputs = replies[rid]
         assert status == b"200" and header["model_name"] == "m"
         np.testing.assert_array_equal(outputs["y"], x * 2)
 
 
-def test_one_batch_is_answered_with_one_replies_message(rig):
+def test_each_batch_is_its_own_call_even_when_another_waits(rig):
     worker, router = rig
-    xs = {f"r{i}".encode(): np.full((1, 3), i, "float32") for i in range(4)}
-    for rid, x in xs.items():
-        _send(router, rid, x)
-    _settle(worker, 4)
-    assert worker.runner.calls == [4]
-    messages: list = []
-    replies = _replies(router, 4, messages)
-    assert messages == [protocol.Command.REPLIES]
-    for rid, x in xs.items():
+    _send(router, _item(b"a", np.ones((2, 3), "float32")))
+    _send(router, _item(b"b", np.ones((3, 3), "float32")), _item(b"c", np.ones((1, 3), "float32")))
+    time.sleep(0.2)
+    _settle(worker, 2)
+    assert worker.runner.calls == [2, 4]
+    assert set(_replies(router, 3)) == {b"a", b"b", b"c"}
+
+
+def test_a_bad_item_is_answered_400_and_the_rest_run(rig):
+    worker, router = rig
+    good = {b"q0": np.full((1, 3), 1, "float32"), b"q1": np.full((2, 3), 2, "float32")}
+    _send(router, _item(b"q0", good[b"q0"]), _item(b"bad", np.ones((1, 3), "float32"), name="z"),
+          _item(b"q1", good[b"q1"]))
+    _settle(worker, 1)
+    assert worker.runner.calls == [3]
+    replies = _replies(router, 3)
+    status, header, _ = replies[b"bad"]
+    assert status == b"400" and header["error"]["message"] == 'model expects inputs ["x"], got ["z"]'
+    for rid, x in good.items():
         np.testing.assert_array_equal(replies[rid][2]["y"], x * 2)
 
 
-def test_a_requests_message_is_taken_as_its_requests(rig):
+def test_different_shapes_in_one_batch_are_never_stacked(rig):
     worker, router = rig
-    groups, xs = [], {}
-    for i in range(3):
-        rid = f"q{i}".encode()
-        xs[rid] = np.full((i + 1, 3), i, "float32")
-        metas, frames = protocol.encode_tensors({"x": xs[rid]})
-        groups.append([f"client{i}".encode(), rid, b"", protocol.packb({"inputs": metas}), *frames])
-    groups.append([b"client9", b"bad", b"", protocol.packb({"inputs": []})])  # wrong inputs: 400, others run
-    router.send_multipart([b"w1", *protocol.encode_worker_requests(groups)])
-    _settle(worker, 3)
-    assert worker.runner.calls == [6]
-    replies = _replies(router, 4)
-    assert replies[b"bad"][0] == b"400"
-    for rid, x in xs.items():
-        assert replies[rid][0] == b"200"
-        np.testing.assert_array_equal(replies[rid][2]["y"], x * 2)
-
-
-def test_batches_never_exceed_max_batch_size(rig):
-    worker, router = rig
-    for i in range(5):
-        _send(router, f"r{i}".encode(), np.full((3, 2), i, "float32"))  # 15 rows, limit 8
-    _settle(worker, 5)
-    assert all(n <= 8 for n in worker.runner.calls) and sum(worker.runner.calls) == 15
-    replies = _replies(router, 5)
-    for i in range(5):
-        np.testing.assert_array_equal(replies[f"r{i}".encode()][2]["y"], np.full((3, 2), 2 * i, "float32"))
-
-
-def test_different_shapes_are_never_stacked(rig):
-    worker, router = rig
-    _send(router, b"wide", np.ones((1, 4), "float32"))
-    _send(router, b"narrow", np.ones((1, 2), "float32"))
-    _send(router, b"wide2", np.ones((2, 4), "float32"))
-    _settle(worker, 3)
-    assert sorted(worker.runner.calls) == [1, 3]
+    _send(router, _item(b"wide", np.ones((1, 4), "float32")), _item(b"narrow", np.ones((1, 2), "float32")),
+          _item(b"wide2", np.ones((2, 4), "float32")))
+    _settle(worker, 1)
+    assert worker.runner.calls == [3, 1]
     replies = _replies(router, 3)
     assert replies[b"narrow"][2]["y"].shape == (1, 2) and replies[b"wide2"][2]["y"].shape == (2, 4)
 
 
-def test_solo_requests_run_alone(rig):
+def test_a_raising_batch_is_bisected_to_the_bad_request(rig):
     worker, router = rig
-    _send(router, b"a", np.ones((1, 2), "float32"))
-    _send(router, b"retry", np.ones((1, 2), "float32"), flags=protocol.FLAG_SOLO)
-    _send(router, b"b", np.ones((1, 2), "float32"))
-    _settle(worker, 3)
-    assert sorted(worker.runner.calls) == [1, 2]
-    assert set(_replies(router, 3)) == {b"a", b"retry", b"b"}
-
-
-def test_a_raising_row_fails_alone_and_the_batch_is_answered(rig):
-    worker, router = rig
-    bad = np.ones((1, 2), "float32")
-    bad[0, 0] = -1
-    _send(router, b"ok1", np.ones((1, 2), "float32"))
-    _send(router, b"bad", bad)
-    _send(router, b"ok2", np.full((1, 2), 3, "float32"))
-    _settle(worker, 3)
-    replies = _replies(router, 3)
-    assert replies[b"ok1"][0] == b"200" and replies[b"ok2"][0] == b"200"
-    status, header, _ = replies[b"bad"]
+    items = []
+    for i in range(8):
+        x = np.full((1, 2), i, "float32")
+        if i == 5:
+            x[0, 0] = -1
+        items.append(_item(b"r%d" % i, x))
+    _send(router, *items)
+    _settle(worker, 1)
+    # 8 fails -> [0-3] ok, [4-7] fails -> [4, 5] fails -> [4] ok, [5] fails; [6, 7] ok: 7 calls, not 1 + 8
+    assert worker.runner.calls == [8, 4, 4, 2, 1, 1, 2]
+    replies = _replies(router, 8)
+    status, header, _ = replies[b"r5"]
     assert status == b"500" and header["error"]["type"] == "ModelError"
     assert "row starts with -1" in header["error"]["message"]
+    for i in (0, 1, 2, 3, 4, 6, 7):
+        assert replies[b"r%d" % i][0] == b"200"
+        np.testing.assert_array_equal(replies[b"r%d" % i][2]["y"], np.full((1, 2), 2 * i, "float32"))
 
 
-def test_bad_request_is_answered_400_without_running(rig):
+def test_requests_whose_budget_ran_out_are_answered_504_and_never_run(rig):
     worker, router = rig
-    metas, frames = protocol.encode_tensors({"z": np.ones((1, 2), "float32")})
-    router.send_multipart([b"w1", *protocol.encode_worker_request(b"client", b"r", b"", [protocol.packb({"inputs": metas}), *frames])])
+    _send(router, _item(b"ok", np.ones((1, 2), "float32"), budget_ms=60_000),
+          _item(b"late", np.ones((1, 2), "float32"), budget_ms=50),
+          _item(b"none", np.ones((1, 2), "float32")))
     assert worker.socket.poll(5000)
     worker._drain()
-    assert not worker.pending and worker.runner.calls == []
+    time.sleep(0.1)  # as if the batch waited behind a running one
+    worker._run_batch(*worker.batches.popleft())
     worker._send_replies()
-    status, header, _ = _replies(router, 1)[b"r"]
-    assert status == b"400" and "expects inputs ['x']" in header["error"]["message"]
+    assert worker.runner.calls == [2]
+    replies = _replies(router, 3)
+    status, header, _ = replies[b"late"]
+    assert status == b"504" and header["error"]["type"] == "RequestTimeout"
+    assert "the model did not run it" in header["error"]["message"]
+    assert replies[b"ok"][0] == replies[b"none"][0] == b"200"
+    assert worker.expired == 1
 
 
-def test_request_larger_than_max_batch_is_chunked(rig):
+def test_request_larger_than_max_batch_is_run_in_slices(rig):
     worker, router = rig
     x = np.arange(40, dtype="float32").reshape(20, 2)
-    _send(router, b"big", x)
+    _send(router, _item(b"big", x))
     _settle(worker, 1)
     assert worker.runner.calls == [8, 8, 4]
     np.testing.assert_array_equal(_replies(router, 1)[b"big"][2]["y"], x * 2)

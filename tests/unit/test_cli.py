@@ -212,7 +212,7 @@ def test_regression_output_is_printed_as_values():
 
 def test_predict_pool_error_exits_1(fake, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((2, 5), "float32"))
-    fake.infer_answer = InvalidInput("input 'pixels': expected shape ['batch', 64] (FP32), got [2, 5]")
+    fake.infer_answer = InvalidInput('input "pixels": expected shape [batch, 64] (FP32), got [2, 5]')
     assert modelpool.main(["predict", "digits", "--input", str(tmp_path / "x.npy")]) == 1
     captured = capsys.readouterr()
     assert captured.err == f"modelpool: InvalidInput: {fake.infer_answer}\n"

@@ -94,10 +94,11 @@ def test_no_exception_from_one_message_escapes_and_the_client_gets_400(clock, mo
     state = make_state(clock, "m", expected=1)
     ready(state, W1, "m", capacity=4)
 
-    def boom(entry):
+    def boom(*args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(state, "_dispatch", boom)
+    monkeypatch.setattr(state, "_route", boom)
+    monkeypatch.setattr(state, "_worker_reply", boom)
     with caplog.at_level(logging.ERROR):
         infer(state, ALICE, "m", b"r1")
         reply(state, W1, ALICE, b"r0")
@@ -108,15 +109,30 @@ def test_no_exception_from_one_message_escapes_and_the_client_gets_400(clock, mo
     assert b"r2" in [d[2] for d in dispatched(state)]
 
 
+def test_a_bug_in_dispatch_is_logged_and_the_requests_wait_for_the_next_one(clock, monkeypatch, caplog):
+    state = make_state(clock, "m", expected=1)
+    ready(state, W1, "m", capacity=4)
+    monkeypatch.setattr(state, "_dispatch", lambda entry: 1 / 0)
+    with caplog.at_level(logging.ERROR):
+        infer(state, ALICE, "m", b"r1")
+    assert any("internal error dispatching" in r.getMessage() for r in caplog.records)
+    assert state.outbox_clients == [] and state.models[b"m"].queued == 1
+    monkeypatch.undo()
+    infer(state, ALICE, "m", b"r2")
+    assert [d[2] for d in dispatched(state)] == [b"r1", b"r2"]
+
+
 def test_error_messages_carry_no_python_reprs(clock):
     state = make_state(clock, "m", expected=1)
     ready(state, W1, "m")
     metas = [{"name": "x\n", "datatype": b"FP32", "shape": [1]}]
     state.client_message(ALICE, protocol.encode_request("m", b"r1", {"inputs": metas}, [np.zeros(1, "f4").tobytes()]))
-    # the broker forwards the body untouched; the worker checks tensors, with the same codec
+    # the broker checks the tensor list it batches on, with the same codec as the worker
+    message = only_error(state, ALICE, b"r1", b"400", ProtocolError)
+    assert "b'" not in message and "'" not in message and "\n" not in message
     with pytest.raises(ProtocolError) as info:
         protocol.decode_tensors(metas, [b"\0" * 4])
-    assert "b'" not in str(info.value) and "'" not in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value) == message
     state.client_message(ALICE, [b"", b"MDPC\n1", b"m", b"r2", protocol.packb({})])
     message = only_error(state, ALICE, b"r2", b"400", ProtocolError)
     assert "b'" not in message and '"MDPC\\n1"' in message
@@ -235,14 +251,14 @@ def test_registrations_for_unknown_models_do_not_pile_up_or_make_health_false(cl
     assert list(state.workers) == [W1] and state.health()["ready"] is True
 
 
-def test_advertised_capacity_is_bounded(clock):
-    from modelpool.broker.state import MAX_WORKER_CAPACITY
+def test_advertised_batch_size_and_prefetch_are_bounded(clock):
+    from modelpool.broker.state import MAX_BATCH_ROWS, MAX_PREFETCH
 
     state = make_state(clock, "m", expected=1)
-    ready(state, W1, "m", capacity=10 ** 12)
-    assert state.workers[W1].capacity == MAX_WORKER_CAPACITY
-    ready(state, W1, "m", capacity=True)
-    assert state.workers[W1].capacity == 1
+    ready(state, W1, "m", max_batch_size=10 ** 12, prefetch=10 ** 12)
+    assert (state.workers[W1].max_rows, state.workers[W1].slots) == (MAX_BATCH_ROWS, 1 + MAX_PREFETCH)
+    ready(state, W1, "m", max_batch_size=True, prefetch=-5)
+    assert (state.workers[W1].max_rows, state.workers[W1].slots) == (1, 1)
 
 
 def test_a_tcp_backend_needs_the_insecure_opt_in_even_on_loopback(tmp_path):
@@ -267,7 +283,7 @@ def test_re_registration_of_the_same_process_requeues_without_counting_a_crash(c
     assert len(dispatched(state)) == 2
     for _ in range(3):  # the broker was stopped 10 s: the worker registered again every 3 s
         ready(state, W1, "m", capacity=2)
-        assert sorted(dispatched(state)) == [(W1, ALICE, b"1", b""), (W1, ALICE, b"2", b"")]
+        assert sorted(dispatched(state)) == [(W1, ALICE, b"1"), (W1, ALICE, b"2")]
     assert state.outbox_clients == []
     entry = state.models[b"m"]
     assert entry.retried == 0 and entry.crashed == 0 and entry.errors == 0
@@ -291,14 +307,14 @@ def test_a_poison_request_is_quarantined_and_innocents_on_the_same_workers_are_a
     for i in range(3):
         infer(state, BOB, "m", b"a%d" % i)
     first = dispatched(state)
-    on_w1 = [(c, r) for w, c, r, _ in first if w == W1]
-    on_w2 = [(c, r) for w, c, r, _ in first if w == W2]
+    on_w1 = [(c, r) for w, c, r in first if w == W1]
+    on_w2 = [(c, r) for w, c, r in first if w == W2]
     assert (ALICE, b"poison") in on_w1
     state.worker_lost(W1, "worker process killed by SIGSEGV")  # the poison crashed W1
     assert state.outbox_clients == []
     # W2 is the last live replica and requests wait for it: no suspect goes there
     infer(state, BOB, "m", b"late")
-    assert dispatched(state) == [(W2, BOB, b"late", b"")]
+    assert dispatched(state) == [(W2, BOB, b"late")]
     _run(state, W2, on_w2 + [(BOB, b"late")])
     assert all(rep.status == b"200" for _, rep in client_out(state))
     ready(state, b"w1b", "m", capacity=4)  # the restarted replica
@@ -307,8 +323,7 @@ def test_a_poison_request_is_quarantined_and_innocents_on_the_same_workers_are_a
     for _ in range(10):  # suspects run one at a time, each alone on an idle worker
         sent = dispatched(state)
         by_worker = {}
-        for w, c, r, flags in sent:
-            assert flags == b"S"
+        for w, c, r in sent:
             by_worker.setdefault(w, []).append((c, r))
         assert all(len(v) == 1 for v in by_worker.values())
         for w, [(c, r)] in by_worker.items():
@@ -397,7 +412,7 @@ def test_mmi_models_gives_worker_ids_and_pids_only_when_the_config_allows_and_th
     [(_, rep)] = client_out(state)
     [worker] = rep.header["models"][0]["workers"]
     assert ("pid" in worker and "id" in worker) is shown
-    assert worker["state"] == "ready" and worker["capacity"] == 1
+    assert worker["state"] == "ready" and worker["max_batch_size"] == 1
 
 
 # --- a model's error reaches the client short, without the server's traceback ---------------------

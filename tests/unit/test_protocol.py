@@ -451,11 +451,9 @@ READY_INFO = {
 def test_commands_are_single_bytes():
     assert {c.name: c.value for c in Command} == {
         "READY": b"\x01",
-        "REQUEST": b"\x02",
-        "REPLY": b"\x03",
         "HEARTBEAT": b"\x04",
         "DISCONNECT": b"\x05",
-        "REQUESTS": b"\x06",
+        "BATCH": b"\x06",
         "REPLIES": b"\x07",
     }
 
@@ -467,73 +465,50 @@ def test_ready_round_trips():
     assert message == protocol.WorkerMessage(Command.READY, [b"digits", READY_INFO])
 
 
-@pytest.mark.parametrize("flags", [b"", protocol.FLAG_SOLO])
-def test_request_to_worker_round_trips(flags):
-    value = sample("INT32", (3, 2))
-    metas, tensor_frames = protocol.encode_tensors({"x": value})
-    client = protocol.encode_request("digits", RID, {"inputs": metas, "timeout_ms": 5}, tensor_frames)
-    body = client[4:]  # the client's header and tensors, forwarded untouched
-    message = protocol.parse_worker_message(protocol.encode_worker_request(CLIENT_ADDR, RID, flags, body))
-    assert message.command is Command.REQUEST
-    address, empty, rid, got_flags, header, *tensors = message.fields
-    assert (address, empty, rid, got_flags) == (CLIENT_ADDR, b"", RID, flags)
-    assert header is body[0]
-    decoded = protocol.unpack_header(header)
-    assert decoded["timeout_ms"] == 5
-    assert_same(protocol.decode_tensors(decoded["inputs"], tensors)["x"], value)
+def test_batch_to_worker_round_trips_item_by_item():
+    values = [sample("INT32", (3, 2)), sample("INT32", (1, 2))]
+    items = []
+    for i, value in enumerate(values):
+        metas, tensor_frames = protocol.encode_tensors({"x": value})
+        client = protocol.encode_request("digits", b"rid%d" % i, {"inputs": metas, "timeout_ms": 5}, tensor_frames)
+        items.append(protocol.BatchItem(b"client%d" % i, b"rid%d" % i, 250 if i else None, client[4:]))
+    frames = protocol.encode_batch(items)
+    assert frames[:3] == [b"", b"MDPW01", b"\x06"]
+    assert msgpack.unpackb(frames[3]) == [[4, None], [4, 250]]
+    # what a DEALER hands on: control frames as bytes, the rest as zmq.Frames
+    message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 3 else f for i, f in enumerate(frames)])
+    assert message.command is Command.BATCH
+    for i, (item, value) in enumerate(zip(message.fields, values)):
+        assert (item.client, item.rid, item.budget_ms) == (b"client%d" % i, b"rid%d" % i, 250 if i else None)
+        header = protocol.unpack_header(item.body[0])
+        assert header["timeout_ms"] == 5  # the client's header, untouched
+        assert_same(protocol.decode_tensors(header["inputs"], item.body[1:])["x"], value)
 
 
-def test_reply_from_worker_round_trips():
+def test_replies_from_worker_round_trip_and_reach_the_client():
     value = sample("FP32", (3, 10))
     metas, tensor_frames = protocol.encode_tensors({"probs": value})
     header = {"model_name": "digits", "model_version": "3", "outputs": metas}
-    frames = protocol.encode_worker_reply(CLIENT_ADDR, RID, b"200", header, tensor_frames)
-    message = protocol.parse_worker_message(frames)
-    assert message.command is Command.REPLY
-    address, empty, rid, status, packed, *tensors = message.fields
-    assert (address, empty, rid, status) == (CLIENT_ADDR, b"", RID, b"200")
+    error = errors.InvalidInput("expected FP32 [batch, 64], got FP32 [1, 63]")
+    frames = protocol.encode_replies([
+        protocol.ReplyItem(CLIENT_ADDR, RID, b"200", [protocol.packb(header), *tensor_frames]),
+        protocol.ReplyItem(b"other", b"2", error.status, [protocol.error_header(error)]),
+    ])
+    assert frames[:3] == [b"", b"MDPW01", b"\x07"] and struct.unpack("<2I", frames[3]) == (5, 4)
+    message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 3 else f for i, f in enumerate(frames)])
+    assert message.command is Command.REPLIES
+    ok, failed = message.fields
+    assert (ok.client, ok.rid, ok.status, failed.client, failed.rid, failed.status) == (
+        CLIENT_ADDR, RID, b"200", b"other", b"2", b"400")
     # The broker forwards status, header and tensors to the client as they are.
-    reply = protocol.parse_reply([b""] + protocol.encode_reply(b"digits", rid, status, bytes(packed), tensors))
+    reply = protocol.parse_reply([b"", *protocol.encode_reply(b"digits", ok.rid, ok.status, bytes(ok.body[0]),
+                                                              ok.body[1:])])
     assert reply.header == header
     assert_same(protocol.decode_tensors(reply.header["outputs"], reply.tensors)["probs"], value)
-
-
-def test_error_reply_from_worker_reaches_the_client_typed():
-    error = errors.InvalidInput("expected FP32 [-1, 64], got FP32 [1, 63]")
-    frames = protocol.encode_worker_reply(CLIENT_ADDR, RID, error.status, protocol.error_header(error))
-    _, _, rid, status, packed = protocol.parse_worker_message(frames).fields
-    reply = protocol.parse_reply([b""] + protocol.encode_reply(b"digits", rid, status, bytes(packed)))
+    reply = protocol.parse_reply([b"", *protocol.encode_reply(b"digits", failed.rid, failed.status,
+                                                              bytes(failed.body[0]))])
     got = protocol.reply_error(reply)
-    assert type(got) is errors.InvalidInput
-    assert (got.status, got.message) == (b"400", error.message)
-
-
-@pytest.mark.parametrize("command", [Command.REQUESTS, Command.REPLIES])
-def test_batched_messages_round_trip_group_by_group(command):
-    encode = protocol.encode_worker_requests if command is Command.REQUESTS else protocol.encode_worker_replies
-    values = [sample("FP32", (1, 3)), sample("INT64", (2, 2)), None]
-    groups = []
-    for i, value in enumerate(values):
-        tensors = [] if value is None else protocol.encode_tensors({"x": value, "y": value})[1]
-        groups.append([f"client{i}".encode(), f"rid{i}".encode(), b"S" if i else b"", protocol.packb({"i": i}), *tensors])
-    frames = encode(groups)
-    assert frames[:3] == [b"", b"MDPW01", command.value]
-    assert struct.unpack("<3H", frames[3]) == (6, 6, 4)
-    # what a ROUTER hands on: control frames as bytes or zmq.Frames, tensors as zmq.Frames
-    message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 8 else f for i, f in enumerate(frames)])
-    assert message.command is command
-    assert len(message.fields) == 3
-    for i, (client, rid, flags, body) in enumerate(message.fields):
-        assert (client, rid, flags) == (f"client{i}".encode(), f"rid{i}".encode(), b"S" if i else b"")
-        assert protocol.unpack_header(body[0]) == {"i": i}
-        if values[i] is None:
-            assert body[1:] == []
-        else:
-            metas = [{"name": n, "datatype": protocol.datatype_of(values[i].dtype), "shape": list(values[i].shape)}
-                     for n in "xy"]
-            decoded = protocol.decode_tensors(metas, body[1:])
-            assert_same(decoded["x"], values[i])
-            assert_same(decoded["y"], values[i])
+    assert type(got) is errors.InvalidInput and (got.status, got.message) == (b"400", error.message)
 
 
 def test_heartbeat_round_trips():
@@ -567,22 +542,14 @@ def test_heartbeat_constants():
 # --- broker <-> worker rejections ----------------------------------------------------------------
 
 
-def worker_request() -> list:
-    return protocol.encode_worker_request(CLIENT_ADDR, RID, b"", [protocol.packb({})])
-
-
-def worker_reply() -> list:
-    return protocol.encode_worker_reply(CLIENT_ADDR, RID, b"200", {})
-
-
-def worker_requests() -> list:
-    return protocol.encode_worker_requests([[CLIENT_ADDR, RID, b"", protocol.packb({})],
-                                            [b"other", b"2", b"S", protocol.packb({})]])
+def worker_batch() -> list:
+    return protocol.encode_batch([protocol.BatchItem(CLIENT_ADDR, RID, None, [protocol.packb({})]),
+                                  protocol.BatchItem(b"other", b"2", 10, [protocol.packb({})])])
 
 
 def worker_replies() -> list:
-    return protocol.encode_worker_replies([[CLIENT_ADDR, RID, b"200", protocol.packb({})],
-                                           [b"other", b"2", b"500", protocol.packb({})]])
+    return protocol.encode_replies([protocol.ReplyItem(CLIENT_ADDR, RID, b"200", [protocol.packb({})]),
+                                    protocol.ReplyItem(b"other", b"2", b"500", [protocol.packb({})])])
 
 
 @pytest.mark.parametrize(
@@ -598,29 +565,32 @@ def worker_replies() -> list:
         ([b"", b"MDPW01", b""], "unknown worker command"),
         ([b"", b"MDPW01", b"READY"], "unknown worker command"),
         ([b"", b"MDPW01", b"\x01\x01"], "unknown worker command"),
-        ([b"", b"MDPW01", b"\x01", b"digits"], "READY needs at least 2 fields, got 1"),
-        (protocol.encode_ready(b"m", {})[:3], "READY needs at least 2 fields, got 0"),
+        ([b"", b"MDPW01", b"\x02"], "unknown worker command"),  # MDP's REQUEST: not in this protocol
+        ([b"", b"MDPW01", b"\x01", b"digits"], "READY needs at least 2 frames after the command, got 1"),
+        (protocol.encode_ready(b"m", {})[:3], "READY needs at least 2 frames after the command, got 0"),
         (replace(protocol.encode_ready(b"m", {}), 3, b""), "model name must be 1 to 255"),
         (replace(protocol.encode_ready(b"m", {}), 3, b"m" * 256), "model name must be 1 to 255"),
         (replace(protocol.encode_ready(b"m", {}), 4, b"\xc1"), "not valid msgpack"),
         (replace(protocol.encode_ready(b"m", {}), 4, protocol.packb([4])), "must be a msgpack map"),
-        (worker_request()[:7], "REQUEST needs at least 5 fields, got 4"),
-        (worker_reply()[:7], "REPLY needs at least 5 fields, got 4"),
-        (replace(worker_request(), 3, b""), "client address must be 1 to 255"),
-        (replace(worker_request(), 3, b"c" * 256), "client address must be 1 to 255"),
-        (replace(worker_request(), 4, b"x"), "REQUEST: client address must be followed by an empty frame"),
-        (replace(worker_reply(), 4, b"x"), "REPLY: client address must be followed by an empty frame"),
-        (replace(worker_request(), 5, b""), "request-id must be 1 to 255"),
-        (replace(worker_reply(), 5, b"i" * 256), "request-id must be 1 to 255"),
-        (worker_requests()[:7], "REQUESTS needs at least 5 fields, got 4"),
-        (worker_replies()[:7], "REPLIES needs at least 5 fields, got 4"),
-        (replace(worker_requests(), 3, b""), "sizes frame must hold one uint16 per group, got 0 bytes"),
-        (replace(worker_requests(), 3, b"\x05"), "sizes frame must hold one uint16 per group, got 1 bytes"),
-        (replace(worker_requests(), 3, struct.pack("<2H", 5, 4)), "sizes add up to 9 frames, message has 8"),
-        (replace(worker_requests(), 3, struct.pack("<2H", 4, 3)), "sizes add up to 7 frames, message has 8"),
-        (replace(worker_requests(), 3, struct.pack("<3H", 4, 3, 1)), "a group needs at least 4 frames, got 3"),
+        (worker_batch()[:8], "BATCH: index counts more frames"),
+        (worker_batch()[:4], "BATCH needs at least 4 frames after the command, got 1"),
+        (worker_replies()[:7], "REPLIES needs at least 5 frames after the command, got 4"),
+        (replace(worker_batch(), 3, b"\xc1"), "BATCH index is not valid msgpack"),
+        (replace(worker_batch(), 3, protocol.packb([])), "index must be a non-empty array"),
+        (replace(worker_batch(), 3, protocol.packb({"a": 1})), "index must be a non-empty array, got a map"),
+        (replace(worker_batch(), 3, protocol.packb([[3, None], [2, None]])), "frames >= 3"),
+        (replace(worker_batch(), 3, protocol.packb([[3, None], [3, -1]])), "budget_ms >= 0"),
+        (replace(worker_batch(), 3, protocol.packb([[3, None], [3, "soon"]])), "budget_ms >= 0"),
+        (replace(worker_batch(), 3, protocol.packb([[3, None]])), "3 frames left after the items"),
+        (replace(worker_batch(), 4, b""), "client address must be 1 to 255"),
+        (replace(worker_batch(), 8, b"i" * 256), "request-id must be 1 to 255"),
+        (replace(worker_replies(), 3, b""), "sizes frame must hold one uint32 per reply, got 0 bytes"),
+        (replace(worker_replies(), 3, b"\x05"), "sizes frame must hold one uint32 per reply, got 1 bytes"),
+        (replace(worker_replies(), 3, struct.pack("<2I", 5, 4)), "sizes add up to 9 frames, message has 8"),
+        (replace(worker_replies(), 3, struct.pack("<3I", 4, 3, 1)), "a reply needs at least 4 frames"),
         (replace(worker_replies(), 4, b""), "client address must be 1 to 255"),
         (replace(worker_replies(), 9, b"i" * 256), "request-id must be 1 to 255"),
+        (replace(worker_replies(), 6, b"OK"), "status must be three ASCII digits"),
         (protocol.encode_disconnect() + [b"\xc1"], "not valid msgpack"),
         (protocol.encode_disconnect() + [protocol.packb("bye")], "must be a msgpack map"),
     ],

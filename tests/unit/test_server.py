@@ -1,7 +1,7 @@
 """The broker's socket loop pieces with real ZeroMQ sockets and fake workers (no TensorFlow).
 
 Drives ``Broker._drain_frontend`` / ``_drain_backend`` by hand, so what leaves in one message is
-deterministic: requests that wait together for a batched worker must leave as one REQUESTS.
+deterministic: requests read together must leave as one BATCH.
 """
 from __future__ import annotations
 
@@ -44,15 +44,14 @@ def rig(tmp_path):
     broker.close()
 
 
-def _register(broker: Broker, connect, config, identity: bytes, batched: bool) -> zmq.Socket:
+def _register(broker: Broker, connect, config, identity: bytes, max_batch_size: int = 16,
+              prefetch: int = 1) -> zmq.Socket:
     worker = connect(zmq.DEALER, config.backend, identity)
-    info = {"version": "1", "capacity": 16, "pid": 1}
-    if batched:
-        info["batched"] = True
+    info = {"version": "1", "max_batch_size": max_batch_size, "prefetch": prefetch, "pid": 1}
     worker.send_multipart(protocol.encode_ready("m", info))
     assert broker.backend.poll(5000)
     broker._drain_backend()
-    assert broker.state.workers[identity].batched is batched
+    assert broker.state.workers[identity].max_rows == max_batch_size
     return worker
 
 
@@ -76,23 +75,24 @@ def _worker_messages(worker: zmq.Socket) -> list:
     return out
 
 
-def test_requests_waiting_together_reach_a_batched_worker_as_one_message(rig):
+def test_requests_read_together_reach_the_worker_as_one_batch(rig):
     broker, connect, config = rig
-    worker = _register(broker, connect, config, b"w1", batched=True)
+    worker = _register(broker, connect, config, b"w1")
     client = connect(zmq.DEALER, config.frontend, b"c1")
     xs = _send_requests(broker, client, 5)
     messages = _worker_messages(worker)
-    assert [m.command for m in messages] == [Command.REQUESTS]
-    groups = messages[0].fields
-    assert [rid for _, rid, _, _ in groups] == list(xs)
+    assert [m.command for m in messages] == [Command.BATCH]
+    items = messages[0].fields
+    assert [item.rid for item in items] == list(xs)
     # the worker answers the whole batch with one REPLIES; the client gets five ordinary replies
     replies = []
-    for client_id, rid, _, body in groups:
-        header = protocol.unpack_header(body[0])
-        x = protocol.decode_tensors(header["inputs"], body[1:])["x"]
+    for item in items:
+        header = protocol.unpack_header(item.body[0])
+        x = protocol.decode_tensors(header["inputs"], item.body[1:])["x"]
         metas, frames = protocol.encode_tensors({"y": x * 2})
-        replies.append([client_id, rid, protocol.OK, protocol.packb({"model_name": "m", "outputs": metas}), *frames])
-    worker.send_multipart(protocol.encode_worker_replies(replies))
+        replies.append(protocol.ReplyItem(item.client, item.rid, protocol.OK,
+                                          [protocol.packb({"model_name": "m", "outputs": metas}), *frames]))
+    worker.send_multipart(protocol.encode_replies(replies))
     assert broker.backend.poll(5000)
     broker._drain_backend()
     got = {}
@@ -104,51 +104,28 @@ def test_requests_waiting_together_reach_a_batched_worker_as_one_message(rig):
         np.testing.assert_array_equal(got[rid], x * 2)
 
 
-def test_a_worker_without_batched_gets_one_request_per_message(rig):
+def test_requests_past_what_workers_take_wait_in_the_broker(rig):
     broker, connect, config = rig
-    worker = _register(broker, connect, config, b"w1", batched=False)
+    worker = _register(broker, connect, config, b"w1", max_batch_size=2, prefetch=1)
     client = connect(zmq.DEALER, config.frontend, b"c1")
-    xs = _send_requests(broker, client, 4)
+    _send_requests(broker, client, 7)
     messages = _worker_messages(worker)
-    assert [m.command for m in messages] == [Command.REQUEST] * 4
-    assert [m.fields[2] for m in messages] == list(xs)
-
-
-def test_a_single_waiting_request_still_leaves_as_a_plain_request(rig):
-    broker, connect, config = rig
-    worker = _register(broker, connect, config, b"w1", batched=True)
-    client = connect(zmq.DEALER, config.frontend, b"c1")
-    _send_requests(broker, client, 1)
-    assert [m.command for m in _worker_messages(worker)] == [Command.REQUEST]
-
-
-def test_messages_queued_between_requests_keep_their_order(rig):
-    broker, connect, config = rig
-    worker = _register(broker, connect, config, b"w1", batched=True)
-    body = [protocol.packb({"inputs": []})]
-    outbox = broker.state.outbox_workers
-    for rid in (b"r1", b"r2"):
-        outbox.append([b"w1", *protocol.encode_worker_request(b"c1", rid, b"", body)])
-    outbox.append([b"w1", *protocol.encode_heartbeat()])
-    outbox.append([b"w1", *protocol.encode_worker_request(b"c1", b"r3", b"S", body)])
-    broker._flush()
-    messages = _worker_messages(worker)
-    assert [m.command for m in messages] == [Command.REQUESTS, Command.HEARTBEAT, Command.REQUEST]
-    assert [rid for _, rid, _, _ in messages[0].fields] == [b"r1", b"r2"]
-    assert messages[2].fields[2:4] == [b"r3", b"S"]
+    assert [len(m.fields) for m in messages] == [2, 2]  # one running, one prefetched
+    entry = broker.state.models[b"m"]
+    assert (entry.queued, entry.in_flight) == (3, 4)
 
 
 def test_a_second_peer_with_a_registered_identity_gets_nothing_meant_for_the_first(rig):
     broker, connect, config = rig
-    worker = _register(broker, connect, config, b"w1", batched=False)
+    worker = _register(broker, connect, config, b"w1")
     impostor = connect(zmq.DEALER, config.backend, b"w1")  # with ROUTER_HANDOVER it would take over
-    impostor.send_multipart(protocol.encode_ready("m", {"version": "1", "capacity": 16, "pid": 2}))
+    impostor.send_multipart(protocol.encode_ready("m", {"version": "1", "max_batch_size": 16, "pid": 2}))
     time.sleep(0.3)
     if broker.backend.poll(200):
         broker._drain_backend()
     client = connect(zmq.DEALER, config.frontend, b"c1")
     _send_requests(broker, client, 3)
-    assert [m.command for m in _worker_messages(worker)] == [Command.REQUEST] * 3
+    assert [m.command for m in _worker_messages(worker)] == [Command.BATCH]
     assert not impostor.poll(300)
     # and a second client presenting c1's identity gets none of c1's replies
     thief = connect(zmq.DEALER, config.frontend, b"c1")

@@ -63,23 +63,33 @@ def make_state(clock: Clock, *models: str, expected: int = 0, **kwargs) -> PoolS
 
 
 def request(state: PoolState, client: bytes, model: str | bytes, rid: bytes, header: dict | None = None,
-            tensors=()) -> None:
+            tensors=(), *, dispatch: bool = True) -> None:
+    """A client message, then dispatch as the socket loop does after each read (``dispatch=False``:
+    more of the same burst follows)."""
     state.client_message(client, protocol.encode_request(model, rid, header if header is not None else {}, tensors))
+    if dispatch:
+        state.dispatch()
 
 
-def infer(state: PoolState, client: bytes, model: str, rid: bytes, value: float = 1.0, **header) -> None:
-    metas, frames = protocol.encode_tensors({"x": np.array([[value]], dtype=np.float32)})
-    request(state, client, model, rid, {"inputs": metas, **header}, frames)
+def infer(state: PoolState, client: bytes, model: str, rid: bytes, value: float = 1.0, *, rows: int = 1,
+          dispatch: bool = True, **header) -> None:
+    metas, frames = protocol.encode_tensors({"x": np.full((rows, 1), value, dtype=np.float32)})
+    request(state, client, model, rid, {"inputs": metas, **header}, frames, dispatch=dispatch)
 
 
 def ready(state: PoolState, identity: bytes, model: str, capacity: int = 1, **info) -> None:
-    state.worker_message(identity, protocol.encode_ready(model, {"version": "1", "capacity": capacity, "pid": 4242, **info}))
+    """A worker registers; ``capacity`` N: it takes N one-row requests at a time (batches of one row,
+    N - 1 prefetched), unless ``max_batch_size``/``prefetch`` are given."""
+    info = {"version": "1", "max_batch_size": 1, "prefetch": capacity - 1, "pid": 4242, **info}
+    state.worker_message(identity, protocol.encode_ready(model, info))
+    state.dispatch()
 
 
 def reply(state: PoolState, identity: bytes, client: bytes, rid: bytes, status: bytes = protocol.OK,
           header: dict | None = None, tensors=()) -> None:
-    state.worker_message(identity, protocol.encode_worker_reply(
-        client, rid, status, header if header is not None else OUT_HEADER, tensors))
+    body = [protocol.packb(header if header is not None else OUT_HEADER), *tensors]
+    state.worker_message(identity, protocol.encode_replies([protocol.ReplyItem(client, rid, status, body)]))
+    state.dispatch()
 
 
 def client_out(state: PoolState) -> list[tuple[bytes, protocol.Reply]]:
@@ -93,7 +103,9 @@ def client_out(state: PoolState) -> list[tuple[bytes, protocol.Reply]]:
 
 
 def worker_out(state: PoolState) -> list[tuple[bytes, protocol.WorkerMessage]]:
-    """(worker identity, parsed message) for everything queued to workers; the outbox is cleared."""
+    """(worker identity, parsed message) for everything queued to workers, after the dispatch the
+    socket loop runs before it sends; the outbox is cleared."""
+    state.dispatch()
     out = []
     for frames in state.outbox_workers:
         assert frames[1] == b"" and frames[2] == protocol.WORKER, frames
@@ -102,13 +114,17 @@ def worker_out(state: PoolState) -> list[tuple[bytes, protocol.WorkerMessage]]:
     return out
 
 
-def dispatched(state: PoolState) -> list[tuple[bytes, bytes, bytes, bytes]]:
-    """(worker, client, rid, flags) of every REQUEST queued to workers; the outbox is cleared."""
+def dispatched(state: PoolState) -> list[tuple[bytes, bytes, bytes]]:
+    """(worker, client, rid) of every request in the BATCHes queued to workers; the outbox is cleared."""
+    return [(identity, item.client, item.rid) for identity, batch in batches(state) for item in batch]
+
+
+def batches(state: PoolState) -> list[tuple[bytes, list[protocol.BatchItem]]]:
+    """(worker, items) of every BATCH queued to workers; the outbox is cleared."""
     out = []
     for identity, message in worker_out(state):
-        assert message.command is Command.REQUEST, message
-        client, _, rid, flags = message.fields[:4]
-        out.append((identity, client, rid, flags))
+        assert message.command is Command.BATCH, message
+        out.append((identity, message.fields))
     return out
 
 
@@ -168,7 +184,9 @@ def test_mmi_models_lists_models_workers_and_queue_depths(clock):
     a = models["a"]
     assert a["replicas_ready"] == 1 and a["replicas_expected"] == 1
     assert a["queue_depth"] == 1 and a["in_flight"] == 1
-    assert a["workers"] == [{"id": "w1", "pid": 4242, "state": "ready", "capacity": 1, "in_flight": 1}]
+    assert a["queue_rows"] == 1 and a["batches"] == 1 and a["batch_rows"] == 1
+    assert a["workers"] == [{"id": "w1", "pid": 4242, "state": "ready", "max_batch_size": 1, "prefetch": 0,
+                             "in_flight": 1, "batches": 1, "rows": 1}]
     assert models["b"]["replicas_ready"] == 0 and models["b"]["workers"] == []
 
 
@@ -217,18 +235,14 @@ def test_ready_registers_worker_and_dispatches_queued_requests(clock):
     infer(state, BOB, "m", b"2", 2.0)
     assert state.outbox_clients == [] and state.outbox_workers == []
     assert state.models[b"m"].queued == 2
-    ready(state, W1, "m", capacity=4)
+    ready(state, W1, "m", max_batch_size=4)
     assert W1 in state.workers and state.workers[W1].state is WorkerState.READY
-    sent = worker_out(state)
-    assert [(i, m.command) for i, m in sent] == [(W1, Command.REQUEST)] * 2
-    # The REQUEST carries the client address, the request-id, no flags, and the body untouched.
-    _, first = sent[0]
-    client, empty, rid, flags, header, tensor = first.fields
-    assert (client, empty, rid, flags) == (ALICE, b"", b"1", b"")
-    body = protocol.unpack_header(header)
-    x = protocol.decode_tensors(body["inputs"], [tensor])["x"]
+    [(who, items)] = batches(state)  # both in one BATCH
+    assert who == W1 and [(i.client, i.rid, i.budget_ms) for i in items] == [(ALICE, b"1", None), (BOB, b"2", None)]
+    # Each item carries the client's header and tensor frames untouched.
+    header, tensor = items[0].body
+    x = protocol.decode_tensors(protocol.unpack_header(header)["inputs"], [tensor])["x"]
     assert x.tolist() == [[1.0]]
-    assert sent[1][1].fields[0] == BOB and sent[1][1].fields[2] == b"2"
     assert state.models[b"m"].queued == 0 and state.models[b"m"].in_flight == 2
 
 
@@ -242,25 +256,120 @@ def test_ready_from_unknown_model_is_refused(clock):
     only_error(state, ALICE, b"s", b"404", ModelNotFound)
 
 
-def test_dispatch_prefers_most_free_capacity_and_never_exceeds_it(clock):
+def test_idle_workers_take_turns_and_busy_ones_get_only_full_batches(clock):
     state = make_state(clock, "m")
-    ready(state, W1, "m", capacity=1)
-    ready(state, W2, "m", capacity=3)
-    targets = []
-    for i in range(6):
-        infer(state, ALICE, "m", b"r%d" % i)
-        targets += [w for w, *_ in dispatched(state)]
-    # W2 (3 free) takes the first two, then they are level (1 free each), then W2 holds 3 and W1 1.
-    assert targets[:2] == [W2, W2]
-    assert sorted(targets) == [W1, W2, W2, W2]
-    assert len(state.workers[W1].inflight) == 1 and len(state.workers[W2].inflight) == 3
-    assert state.models[b"m"].queued == 2
-    # Capacity frees one slot per reply, and each slot takes exactly one queued request.
-    rid = next(iter(state.workers[W1].inflight))[1]
-    reply(state, W1, ALICE, rid)
+    ready(state, W1, "m", max_batch_size=4, prefetch=1)
+    ready(state, W2, "m", max_batch_size=4, prefetch=1)
+    infer(state, ALICE, "m", b"a")
+    infer(state, ALICE, "m", b"b")
+    assert [w for w, *_ in dispatched(state)] == [W1, W2]  # each idle worker in turn
+    for i in range(3):  # both busy: three rows are no full batch, so they wait in the broker
+        infer(state, BOB, "m", b"q%d" % i)
+    assert dispatched(state) == [] and state.models[b"m"].queued == 3
+    infer(state, BOB, "m", b"q3")  # the fourth row fills a batch: prefetched to one worker
+    [(who, items)] = batches(state)
+    assert [i.rid for i in items] == [b"q0", b"q1", b"q2", b"q3"]
+    assert state.workers[who].batches == 2
+    for i in range(4):  # a worker with two batches in hand gets no third, however full
+        infer(state, BOB, "m", b"r%d" % i)
+    [(other, items)] = batches(state)
+    assert other != who and state.workers[other].batches == 2
+    infer(state, BOB, "m", b"s0")
+    assert dispatched(state) == [] and state.models[b"m"].queued == 1
+    reply(state, W1, ALICE, b"a")  # W1 is down to one batch, so not idle: s0 alone is no full batch
     client_out(state)
-    assert [w for w, *_ in dispatched(state)] == [W1]
-    assert len(state.workers[W1].inflight) == 1 and state.models[b"m"].queued == 1
+    assert dispatched(state) == []
+
+
+def test_a_burst_becomes_one_batch_split_over_idle_workers(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", max_batch_size=8)
+    ready(state, W2, "m", max_batch_size=8)
+    for i in range(10):  # read in one go, then dispatched
+        infer(state, ALICE, "m", b"%d" % i, dispatch=False)
+    state.dispatch()
+    sent = batches(state)
+    assert [(w, len(items)) for w, items in sent] == [(W1, 5), (W2, 5)]
+    entry = state.models[b"m"]
+    assert (entry.batches, entry.batch_rows) == (2, 10)
+
+
+def test_batches_hold_max_batch_size_rows_and_a_larger_request_goes_alone(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", max_batch_size=4, prefetch=8)
+    for rid, rows in ((b"a", 3), (b"b", 2), (b"big", 9), (b"c", 1)):
+        infer(state, ALICE, "m", rid, rows=rows, dispatch=False)
+    state.dispatch()
+    assert [[i.rid for i in items] for _, items in batches(state)] == [[b"a"], [b"b"], [b"big"]]
+    assert state.models[b"m"].queued == 1  # one row is no full batch: it waits for the worker to be idle
+
+
+def test_only_compatible_requests_share_a_batch_oldest_lane_first(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", max_batch_size=8, prefetch=0)
+    infer(state, ALICE, "m", b"busy")
+    wide = protocol.encode_tensors({"x": np.zeros((1, 3), np.float32)})
+    request(state, ALICE, "m", b"w1", {"inputs": wide[0]}, wide[1], dispatch=False)
+    infer(state, ALICE, "m", b"n1", dispatch=False)
+    request(state, ALICE, "m", b"w2", {"inputs": wide[0]}, wide[1], dispatch=False)
+    infer(state, ALICE, "m", b"n2", dispatch=False)
+    infer(state, ALICE, "m", b"o1", outputs=[{"name": "hidden"}], dispatch=False)
+    state.dispatch()
+    dispatched(state)
+    reply(state, W1, ALICE, b"busy")
+    order = []
+    for _ in range(3):
+        [(_, items)] = batches(state)
+        order.append([i.rid for i in items])
+        for item in items:
+            reply(state, W1, ALICE, item.rid)
+    assert order == [[b"w1", b"w2"], [b"n1", b"n2"], [b"o1"]]
+
+
+def test_max_delay_waits_for_a_fuller_batch_then_sends_what_there_is(clock):
+    state = make_state(clock)
+    state.add_model("m", max_delay_ms=20)
+    ready(state, W1, "m", max_batch_size=4)
+    infer(state, ALICE, "m", b"1")
+    assert dispatched(state) == [] and state.next_deadline() == pytest.approx(clock.t + 0.02)
+    clock.advance(0.01)
+    infer(state, ALICE, "m", b"2")
+    state.tick()
+    assert dispatched(state) == []
+    clock.advance(0.011)
+    state.tick()
+    assert [rid for _, _, rid in dispatched(state)] == [b"1", b"2"]
+    for i in range(4):  # a full batch does not wait
+        infer(state, BOB, "m", b"f%d" % i, dispatch=False)
+    reply(state, W1, ALICE, b"1")
+    reply(state, W1, ALICE, b"2")
+    assert len(dispatched(state)) == 4
+
+
+def test_budget_left_travels_with_each_request(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", max_batch_size=1, prefetch=0)
+    infer(state, ALICE, "m", b"busy")
+    infer(state, ALICE, "m", b"t", timeout_ms=1000)
+    dispatched(state)
+    clock.advance(0.25)
+    reply(state, W1, ALICE, b"busy")
+    [(_, [item])] = batches(state)
+    assert item.rid == b"t" and item.budget_ms == 750
+    assert state.models[b"m"].queue_seconds == pytest.approx(0.25)
+
+
+def test_second_copy_of_a_pending_request_is_dropped_not_run_twice(clock):
+    state = make_state(clock, "m")
+    ready(state, W1, "m", max_batch_size=1, prefetch=0)
+    infer(state, ALICE, "m", b"1")
+    infer(state, ALICE, "m", b"1")  # in flight: a resend after a reconnect
+    infer(state, ALICE, "m", b"2")
+    infer(state, ALICE, "m", b"2")  # queued
+    assert state.outbox_clients == [] and state.duplicates == 2
+    assert dispatched(state) == [(W1, ALICE, b"1")] and state.models[b"m"].queued == 1
+    infer(state, BOB, "m", b"1")  # the same id from another client is another request
+    assert state.models[b"m"].queued == 2
 
 
 def test_requests_only_go_to_workers_of_their_model(clock):
@@ -270,9 +379,9 @@ def test_requests_only_go_to_workers_of_their_model(clock):
     assert state.outbox_workers == []  # W1 is free but serves "a"
     assert state.models[b"b"].queued == 1
     ready(state, W2, "b", capacity=1)
-    assert dispatched(state) == [(W2, ALICE, b"for-b", b"")]
+    assert dispatched(state) == [(W2, ALICE, b"for-b")]
     infer(state, ALICE, "a", b"for-a")
-    assert dispatched(state) == [(W1, ALICE, b"for-a", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"for-a")]
 
 
 def test_reply_routed_to_client_frees_capacity_and_dispatches_next(clock):
@@ -280,7 +389,7 @@ def test_reply_routed_to_client_frees_capacity_and_dispatches_next(clock):
     ready(state, W1, "m", capacity=1)
     infer(state, ALICE, "m", b"a-1")
     infer(state, BOB, "m", b"b-1")
-    assert dispatched(state) == [(W1, ALICE, b"a-1", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"a-1")]
     metas, frames = protocol.encode_tensors({"y": np.array([3.5], dtype=np.float32)})
     reply(state, W1, ALICE, b"a-1", header={**OUT_HEADER, "outputs": metas}, tensors=frames)
     out = client_out(state)
@@ -288,7 +397,7 @@ def test_reply_routed_to_client_frees_capacity_and_dispatches_next(clock):
     who, rep = out[0]
     assert who == ALICE and rep.model == b"m" and rep.rid == b"a-1" and rep.status == b"200"
     assert protocol.decode_tensors(rep.header["outputs"], rep.tensors)["y"].tolist() == [3.5]
-    assert dispatched(state) == [(W1, BOB, b"b-1", b"")]
+    assert dispatched(state) == [(W1, BOB, b"b-1")]
     assert state.models[b"m"].served == 1
 
 
@@ -353,7 +462,7 @@ def test_metadata_without_cache_goes_to_worker(clock):
     state = make_state(clock, "m")
     ready(state, W1, "m")
     request(state, ALICE, "m", b"meta", {"op": "metadata"})
-    assert dispatched(state) == [(W1, ALICE, b"meta", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"meta")]
 
 
 # --- admission: starting, unavailable, overloaded, invalid ---------------------------------------------
@@ -366,7 +475,7 @@ def test_requests_queue_while_replicas_are_starting(clock):
     assert state.outbox_clients == [] and state.models[b"m"].queued == 1
     state.set_starting("m", 1)
     ready(state, W1, "m")
-    assert dispatched(state) == [(W1, ALICE, b"1", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"1")]
 
 
 def test_requests_queue_while_expected_replicas_are_not_up(clock):
@@ -398,7 +507,7 @@ def test_load_failed_answers_queued_and_new_requests_503_with_reason(clock):
     # A replica that does come up clears the error.
     ready(state, W1, "m")
     infer(state, BOB, "m", b"now")
-    assert dispatched(state) == [(W1, BOB, b"now", b"")]
+    assert dispatched(state) == [(W1, BOB, b"now")]
 
 
 def test_load_failed_reported_by_worker_disconnect(clock):
@@ -468,7 +577,7 @@ def test_valid_timeout_ms_accepted(clock):
     ready(state, W1, "m", capacity=2)
     infer(state, ALICE, "m", b"1", timeout_ms=250)
     infer(state, ALICE, "m", b"2", timeout_ms=0.5)
-    assert [rid for _, _, rid, _ in dispatched(state)] == [b"1", b"2"]
+    assert [rid for _, _, rid in dispatched(state)] == [b"1", b"2"]
     assert state.outbox_clients == []
 
 
@@ -481,7 +590,7 @@ def test_queued_request_past_deadline_is_504_and_never_dispatched(clock):
     infer(state, ALICE, "m", b"busy")
     infer(state, BOB, "m", b"late", timeout_ms=100)
     infer(state, BOB, "m", b"patient")
-    assert dispatched(state) == [(W1, ALICE, b"busy", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"busy")]
     assert state.next_deadline() == pytest.approx(clock.t + 0.1)
     clock.advance(0.05)
     state.tick()
@@ -494,7 +603,7 @@ def test_queued_request_past_deadline_is_504_and_never_dispatched(clock):
     # When W1 frees up, the expired request is skipped and the next one goes out.
     reply(state, W1, ALICE, b"busy")
     only_ok(state, ALICE, b"busy")
-    assert dispatched(state) == [(W1, BOB, b"patient", b"")]
+    assert dispatched(state) == [(W1, BOB, b"patient")]
     assert state.models[b"m"].queued == 0
 
 
@@ -564,13 +673,13 @@ def test_worker_lost_retries_inflight_once_on_another_replica_with_solo_flag(clo
     state.worker_lost(W1, "worker process exited with code -9")
     assert state.outbox_clients == []
     # each runs alone: a poison input among them must not take the other with it
-    assert dispatched(state) == [(W2, ALICE, b"1", b"S")]
+    assert dispatched(state) == [(W2, ALICE, b"1")]
     assert W1 not in state.workers and W1 not in state.models[b"m"].workers
     assert state.models[b"m"].retried == 2
     reply(state, W2, ALICE, b"1")
     rep = only_ok(state, ALICE, b"1")
     assert rep.model == b"m"
-    assert dispatched(state) == [(W2, BOB, b"2", b"S")]
+    assert dispatched(state) == [(W2, BOB, b"2")]
 
 
 def test_request_that_crashed_two_workers_gets_500_worker_crashed(clock):
@@ -580,8 +689,8 @@ def test_request_that_crashed_two_workers_gets_500_worker_crashed(clock):
     infer(state, ALICE, "m", b"poison")
     (first, *_), = dispatched(state)
     state.worker_lost(first, "exited with code -11")
-    (second, _, _, flags), = dispatched(state)
-    assert second != first and flags == b"S"
+    (second, _, _), = dispatched(state)
+    assert second != first
     ready(state, W3, "m")  # a replacement is up
     state.worker_lost(second, "exited with code -11")
     message = only_error(state, ALICE, b"poison", b"500", WorkerCrashed)
@@ -610,7 +719,7 @@ def test_worker_lost_with_replica_expected_keeps_retry_queued(clock):
     state.worker_lost(W1, "exited")
     assert state.outbox_clients == [] and state.models[b"m"].queued == 1
     ready(state, W2, "m")  # the restarted replica
-    assert dispatched(state) == [(W2, ALICE, b"1", b"S")]
+    assert dispatched(state) == [(W2, ALICE, b"1")]
 
 
 def test_worker_lost_unknown_identity_is_noop(clock):
@@ -627,7 +736,7 @@ def test_worker_disconnect_retries_its_requests(clock):
     (target, *_), = dispatched(state)
     state.worker_message(target, protocol.encode_disconnect())
     other = W2 if target == W1 else W1
-    assert dispatched(state) == [(other, ALICE, b"1", b"S")]
+    assert dispatched(state) == [(other, ALICE, b"1")]
 
 
 def test_heartbeat_expiry_of_idle_worker(clock):
@@ -659,7 +768,7 @@ def test_busy_worker_is_not_expired_by_heartbeat_but_by_hang_timeout(clock):
     assert [i for i, _ in state.lost_workers] == [W1]
     assert "hung" in state.lost_workers[0][1]
     assert W1 not in state.workers
-    assert dispatched(state) == [(W2, ALICE, b"1", b"S")]  # one at a time, alone
+    assert dispatched(state) == [(W2, ALICE, b"1")]  # one at a time, alone
     assert state.outbox_clients == []
 
 
@@ -696,7 +805,7 @@ def test_ready_twice_reregisters_and_retries_inflight(clock):
     infer(state, ALICE, "m", b"1")
     dispatched(state)
     ready(state, W1, "m", pid=5151)  # another process behind the same identity: the first one is gone
-    assert dispatched(state) == [(W1, ALICE, b"1", b"S")]
+    assert dispatched(state) == [(W1, ALICE, b"1")]
     assert state.outbox_clients == [] and state.models[b"m"].retried == 1
 
 
@@ -715,7 +824,7 @@ def test_stop_admitting_refuses_new_but_finishes_queued_and_inflight(clock):
     assert "shutting down" in only_error(state, BOB, b"new", b"503", Unavailable)
     reply(state, W1, ALICE, b"inflight")
     only_ok(state, ALICE, b"inflight")
-    assert dispatched(state) == [(W1, ALICE, b"queued", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"queued")]
     assert not state.drained()
     reply(state, W1, ALICE, b"queued")
     only_ok(state, ALICE, b"queued")
@@ -744,6 +853,8 @@ def test_drained_counts_queue_and_inflight(clock):
         ([b"", protocol.CLIENT, b"m", b"r1", protocol.packb([1, 2])], "map"),
         ([b"", b"MDPC99", b"m", b"r1", protocol.packb({})], "protocol"),
         ([b"", protocol.CLIENT, b"m", b"r1"], "5 frames"),
+        ([b"", protocol.CLIENT, b"", b"r1", protocol.packb({})], "model name"),
+        ([b"", protocol.CLIENT, b"m" * 256, b"r1", protocol.packb({})], "model name"),  # one rule for names
     ],
 )
 def test_malformed_client_message_with_envelope_is_400(clock, frames, fragment):
@@ -753,7 +864,7 @@ def test_malformed_client_message_with_envelope_is_400(clock, frames, fragment):
     out = client_out(state)
     assert len(out) == 1
     who, rep = out[0]
-    assert who == ALICE and rep.model == b"m" and rep.rid == b"r1" and rep.status == b"400"
+    assert who == ALICE and rep.model == frames[2] and rep.rid == b"r1" and rep.status == b"400"
     err = protocol.reply_error(rep)
     assert isinstance(err, ProtocolError) and fragment in err.message
     assert state.outbox_workers == []
@@ -768,7 +879,6 @@ def test_malformed_client_message_with_envelope_is_400(clock, frames, fragment):
         [b"not-empty", protocol.CLIENT, b"m", b"r1", protocol.packb({})],
         [b"", protocol.CLIENT, b"m", b"", protocol.packb({})],  # empty request-id
         [b"", protocol.CLIENT, b"m", b"r" * 256, protocol.packb({})],
-        [b"", protocol.CLIENT, b"m" * 256, b"r1", protocol.packb({})],
     ],
 )
 def test_malformed_client_message_without_envelope_is_dropped(clock, frames):
@@ -777,7 +887,7 @@ def test_malformed_client_message_without_envelope_is_dropped(clock, frames):
     state.client_message(ALICE, frames)
     assert state.outbox_clients == [] and state.outbox_workers == []
     infer(state, ALICE, "m", b"ok")  # the broker carries on
-    assert dispatched(state) == [(W1, ALICE, b"ok", b"")]
+    assert dispatched(state) == [(W1, ALICE, b"ok")]
 
 
 @pytest.mark.parametrize(
@@ -791,8 +901,11 @@ def test_malformed_client_message_without_envelope_is_dropped(clock, frames):
         [b"", protocol.WORKER, Command.READY.value, b"m"],  # no info
         [b"", protocol.WORKER, Command.READY.value, b"m", b"\xc1"],  # info not msgpack
         [b"", protocol.WORKER, Command.READY.value, b"", protocol.packb({})],  # empty model
-        [b"", protocol.WORKER, Command.REPLY.value, b"\x00alice", b"", b"1"],  # too short
-        [b"", protocol.WORKER, Command.REPLY.value, b"\x00alice", b"x", b"1", b"200", protocol.packb({})],
+        [b"", protocol.WORKER, Command.REPLIES.value, b"\x05\x00\x00\x00", b"\x00alice", b"1"],  # too short
+        [b"", protocol.WORKER, Command.REPLIES.value, b"\x04\x00", b"\x00alice", b"1", b"200", b"\x80"],
+        [b"", protocol.WORKER, Command.REPLIES.value, b"\x04\x00\x00\x00", b"\x00alice", b"1", b"OK!", b"\x80"],
+        [b"", protocol.WORKER, Command.REPLIES.value, b"\x03\x00\x00\x00", b"\x00alice", b"1", b"200"],
+        [b"", protocol.WORKER, b"\x03", b"\x00alice", b"", b"1", b"200", protocol.packb({})],  # MDP's REPLY
         [b"", protocol.WORKER, Command.DISCONNECT.value, b"\xc1"],
     ],
 )
@@ -809,10 +922,11 @@ def test_malformed_worker_message_is_dropped(clock, frames):
     only_ok(state, ALICE, b"1")
 
 
-def test_request_command_from_worker_is_dropped(clock):
+def test_batch_command_from_worker_is_dropped(clock):
     state = make_state(clock, "m")
     ready(state, W1, "m")
-    state.worker_message(W1, protocol.encode_worker_request(ALICE, b"1", b"", [protocol.packb({})]))
+    batch = protocol.encode_batch([protocol.BatchItem(ALICE, b"1", None, [protocol.packb({})])])
+    state.worker_message(W1, batch)
     assert state.outbox_clients == [] and state.outbox_workers == []
     assert W1 in state.workers
 
@@ -821,14 +935,14 @@ def test_request_command_from_worker_is_dropped(clock):
 
 
 def _worker() -> Worker:
-    return Worker(identity=W1, model=b"m", version="1", capacity=2, pid=1, expiry=0.0)
+    return Worker(identity=W1, model=b"m", version="1", max_rows=2, slots=2, pid=1, expiry=0.0)
 
 
 def test_worker_state_legal_moves():
     worker = _worker()
-    assert worker.state is WorkerState.READY and worker.free == 2
+    assert worker.state is WorkerState.READY and worker.usable
     worker.move(WorkerState.GONE)
-    assert worker.state is WorkerState.GONE and worker.free == 0
+    assert worker.state is WorkerState.GONE and not worker.usable
 
 
 @pytest.mark.parametrize(
@@ -850,12 +964,13 @@ def test_worker_state_illegal_moves_raise(path):
 
 
 def test_deadline_watch_memory_is_bounded_by_the_queue_not_by_rate_times_timeout(clock):
-    """Requests dispatched at once never enter the deadline heap; the heap is compacted in tick()."""
+    """Entries of requests answered since are dropped from the deadline heap when tick() compacts it."""
     state = make_state(clock, "m", default_max_queue=10_000)
     ready(state, b"w", "m", capacity=4)
     for i in range(6000):  # dispatched immediately, answered, with a long timeout
         infer(state, b"c", "m", f"r{i}".encode(), timeout_ms=60_000)
         reply(state, b"w", b"c", f"r{i}".encode())
+    state.tick()
     assert len(state._deadlines) == 0
     for i in range(6000):  # these wait in the queue first (capacity 4), then are served
         infer(state, b"c", "m", f"q{i}".encode(), timeout_ms=60_000)
@@ -868,34 +983,29 @@ def test_deadline_watch_memory_is_bounded_by_the_queue_not_by_rate_times_timeout
     assert statuses == {protocol.OK}
 
 
-# --- batched worker messages -------------------------------------------------------------------
+# --- replies ---------------------------------------------------------------------------------
 
 
-def test_ready_with_batched_marks_the_worker():
-    clock = Clock()
+def test_replies_answer_every_item_and_the_last_returns_the_credit(clock):
     state = make_state(clock, "m")
-    ready(state, W1, "m", capacity=4, batched=True)
-    ready(state, W2, "m", capacity=4)
-    ready(state, W3, "m", capacity=4, batched="yes")  # only a msgpack true counts
-    assert [state.workers[w].batched for w in (W1, W2, W3)] == [True, False, False]
-
-
-def test_replies_answer_every_group_and_free_capacity(clock):
-    state = make_state(clock, "m")
-    ready(state, W1, "m", capacity=3, batched=True)
+    ready(state, W1, "m", max_batch_size=3, prefetch=0)
     for i in range(4):
-        infer(state, ALICE if i % 2 else BOB, "m", f"r{i}".encode(), float(i))
-    assert [d[2] for d in dispatched(state)] == [b"r0", b"r1", b"r2"]  # r3 waits for capacity
+        infer(state, ALICE if i % 2 else BOB, "m", f"r{i}".encode(), float(i), dispatch=False)
+    state.dispatch()
+    assert [d[2] for d in dispatched(state)] == [b"r0", b"r1", b"r2"]  # r3 waits for the credit
     metas, frames = protocol.encode_tensors({"y": np.array([[7.0]], dtype=np.float32)})
     header = protocol.packb({**OUT_HEADER, "outputs": metas})
-    groups = [[BOB, b"r0", protocol.OK, header, *frames],
-              [ALICE, b"r1", b"500", protocol.error_header(ModelError("boom"))],
-              [BOB, b"unknown", protocol.OK, header, *frames]]  # dropped with a warning, others delivered
-    state.worker_message(W1, protocol.encode_worker_replies(groups))
+    items = [protocol.ReplyItem(BOB, b"r0", protocol.OK, [header, *frames]),
+             protocol.ReplyItem(ALICE, b"r1", b"500", [protocol.error_header(ModelError("boom"))]),
+             protocol.ReplyItem(BOB, b"unknown", protocol.OK, [header, *frames])]  # dropped, others delivered
+    state.worker_message(W1, protocol.encode_replies(items))
+    state.dispatch()
     out = client_out(state)
     assert [(who, rep.rid, rep.status) for who, rep in out] == [(BOB, b"r0", b"200"), (ALICE, b"r1", b"500")]
     assert protocol.decode_tensors(out[0][1].header["outputs"], out[0][1].tensors)["y"].tolist() == [[7.0]]
     assert type(protocol.reply_error(out[1][1])) is ModelError
-    assert [d[2] for d in dispatched(state)] == [b"r3"]  # the freed capacity is used at once
+    assert dispatched(state) == []  # r2 is still running: the batch holds the credit
+    reply(state, W1, BOB, b"r2")
+    assert [d[2] for d in dispatched(state)] == [b"r3"]
     entry = state.models[b"m"]
-    assert (entry.served, entry.errors, len(state.workers[W1].inflight)) == (1, 1, 2)
+    assert (entry.served, entry.errors, len(state.workers[W1].inflight)) == (2, 1, 1)
