@@ -190,6 +190,7 @@ class PoolState:
         self,
         *,
         now: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = protocol.HEARTBEAT_LIVENESS,
         hang_timeout: float = 60.0,
@@ -199,6 +200,7 @@ class PoolState:
     ) -> None:
         self.mmi_detail = mmi_detail
         self.now = now
+        self.wall = wall  # Unix time, sent with each batch so that a worker can age what it reads late
         self.max_held_bytes = max_held_bytes
         self.limited = LogLimiter(log, now=now)  # for every line a peer can cause at will
         self.held_bytes = 0  # payload bytes of every request held, queued or in flight
@@ -703,7 +705,7 @@ class PoolState:
         entry.dispatched += len(requests)
         entry.batches += 1
         entry.batch_rows += batch.rows
-        self.outbox_workers.append([worker.identity, *protocol.encode_batch(items)])
+        self.outbox_workers.append([worker.identity, *protocol.encode_batch(items, int(self.wall() * 1000))])
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
         self._done(entry, pending)

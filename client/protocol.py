@@ -28,9 +28,12 @@ Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the ident
     BATCH      ""  "MDPW01"  0x06  <index>  { <client>  <request-id>  <header>  <tensor>... }...
     REPLIES    ""  "MDPW01"  0x07  <sizes>  { <client>  <request-id>  <status>  <header>  <tensor>... }...
 
-    index      msgpack array, one [frames, budget_ms] per request: how many frames the request
-               has (3 + tensors) and the milliseconds left before its deadline when the broker sent
-               it (nil: none). A worker answers 504 for a request whose budget ran out before it ran.
+    index      msgpack map {"sent_ms": <Unix time in ms when the broker sent it, its clock>,
+               "items": [[frames, budget_ms], ...]}: per request, how many frames it has (3 +
+               tensors) and the milliseconds it had left when sent (nil: no deadline). A worker
+               answers 504 for a request whose budget ran out before it ran; a batch can wait in the
+               worker's socket behind a running one, so the time since sent_ms counts (on one host
+               exact; across hosts it needs synchronised clocks).
     sizes      one little-endian uint32 per reply: how many frames it has (4 + tensors).
 
     Credit: the broker sends a worker at most 1 + prefetch BATCH messages that it has not answered
@@ -460,13 +463,15 @@ def reply_error(reply: Reply) -> PoolError | None:
 
 
 class BatchItem(NamedTuple):
-    """One request of a BATCH: who asked, its id, the milliseconds it has left (None: no deadline),
-    and the client's header and tensor frames, untouched."""
+    """One request of a BATCH: who asked, its id, the milliseconds it had left when the broker sent it
+    (None: no deadline), the client's header and tensor frames (untouched), and when the broker sent
+    it (Unix time in ms, the broker's clock; None if not said)."""
 
     client: bytes
     rid: bytes
     budget_ms: int | None
     body: list
+    sent_ms: int | None = None
 
 
 class ReplyItem(NamedTuple):
@@ -505,7 +510,7 @@ def encode_disconnect(info: dict | None = None) -> list:
     return frames
 
 
-def encode_batch(items: Sequence[BatchItem]) -> list:
+def encode_batch(items: Sequence[BatchItem], sent_ms: int | None = None) -> list:
     """BATCH frames from the broker (the worker's identity is prepended by the caller)."""
     index, frames = [], [b"", WORKER, _BATCH, b""]
     for item in items:
@@ -513,7 +518,7 @@ def encode_batch(items: Sequence[BatchItem]) -> list:
         frames.append(item.client)
         frames.append(item.rid)
         frames.extend(item.body)
-    frames[3] = packb(index)
+    frames[3] = packb({"sent_ms": sent_ms, "items": index})
     return frames
 
 
@@ -530,9 +535,14 @@ def encode_replies(items: Sequence[ReplyItem]) -> list:
 
 
 def _parse_batch(fields: list) -> list[BatchItem]:
-    index = unpack_any(fields[0], "BATCH index")
+    header = unpack_any(fields[0], "BATCH index")
+    if not isinstance(header, dict):
+        raise ProtocolError(f"BATCH: index must be a map, got {wire_type(header)}")
+    index, sent_ms = header.get("items"), header.get("sent_ms")
     if not isinstance(index, list) or not index:
-        raise ProtocolError(f"BATCH: index must be a non-empty array, got {wire_type(index)}")
+        raise ProtocolError(f"BATCH: index items must be a non-empty array, got {wire_type(index)}")
+    if sent_ms is not None and not _is_int(sent_ms):
+        raise ProtocolError(f"BATCH: sent_ms must be an integer or nil, got {wire_type(sent_ms)}")
     items, pos = [], 1
     for entry in index:
         if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 3
@@ -543,7 +553,7 @@ def _parse_batch(fields: list) -> list[BatchItem]:
             raise ProtocolError(f"BATCH: index counts more frames than the message has ({len(fields) - 1})")
         client = _check_id(frame_bytes(fields[pos]), "client address")
         rid = _check_id(frame_bytes(fields[pos + 1]), "request-id")
-        items.append(BatchItem(client, rid, entry[1], fields[pos + 2:end]))
+        items.append(BatchItem(client, rid, entry[1], fields[pos + 2:end], sent_ms))
         pos = end
     if pos != len(fields):
         raise ProtocolError(f"BATCH: {len(fields) - pos} frames left after the items the index counts")

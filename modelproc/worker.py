@@ -275,13 +275,19 @@ class Worker:
         """Answer a batch: expired requests 504 without running them, the rest in as few calls as
         their shapes allow (one, when the broker formed the batch)."""
         now = time.monotonic()
+        # Read only now if it waited in the socket behind a running batch: age it by the broker's
+        # send time too (never less than since it was read, whatever the clocks say).
+        sent_ms = items[0].sent_ms if items else None
+        waited = now - received
+        if sent_ms is not None:
+            waited = max(waited, time.time() - sent_ms / 1000.0)
         groups: dict[tuple, list[Prepared]] = {}
         for item in items:
-            if item.budget_ms is not None and received + item.budget_ms / 1000.0 <= now:
+            if item.budget_ms is not None and item.budget_ms / 1000.0 <= waited:
                 self.expired += 1
                 self._reply_error(item.client, item.rid, RequestTimeout(
                     f"deadline passed while the request waited in a worker of model {protocol.quote(self.spec.model)} "
-                    f"behind another batch ({(now - received) * 1000:.0f} ms); the model did not run it"))
+                    f"behind another batch ({waited * 1000:.0f} ms); the model did not run it"))
                 continue
             prepared = self._prepare(item)
             if prepared is not None:

@@ -61,7 +61,7 @@ def _garbage(rng: random.Random) -> bytes:
         return bytes([rng.randrange(1, 9)])
     if kind == 10:
         return rng.choice([b"\x04\x00\x00\x00" * rng.randint(1, 4),  # a REPLIES sizes frame
-                           protocol.packb([[3, None]] * rng.randint(1, 4))])  # a BATCH index
+                           protocol.packb({"items": [[3, None]] * rng.randint(1, 4)})])  # a BATCH index
     return rng.randbytes(rng.choice([MAX_MESSAGE // 2, MAX_MESSAGE + 1]))  # near and past max_message_bytes
 
 

@@ -201,3 +201,16 @@ def test_request_larger_than_max_batch_is_run_in_slices(rig):
     _settle(worker, 1)
     assert worker.runner.calls == [8, 8, 4]
     np.testing.assert_array_equal(_replies(router, 1)[b"big"][2]["y"], x * 2)
+
+
+def test_a_batch_read_late_is_aged_from_when_the_broker_sent_it(rig):
+    """A prefetched batch waits in the socket while the worker runs another: reading it is not when it came."""
+    worker, router = rig
+    sent_ms = int((time.time() - 0.2) * 1000)  # sent 200 ms ago, read only now
+    items = [_item(b"late", np.ones((1, 2), "float32"), budget_ms=100),
+             _item(b"ok", np.ones((1, 2), "float32"), budget_ms=60_000)]
+    router.send_multipart([b"w1", *protocol.encode_batch(items, sent_ms)])
+    _settle(worker, 1)
+    replies = _replies(router, 2)
+    assert replies[b"late"][0] == b"504" and replies[b"ok"][0] == b"200"
+    assert worker.runner.calls == [1]

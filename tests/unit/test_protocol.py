@@ -472,14 +472,15 @@ def test_batch_to_worker_round_trips_item_by_item():
         metas, tensor_frames = protocol.encode_tensors({"x": value})
         client = protocol.encode_request("digits", b"rid%d" % i, {"inputs": metas, "timeout_ms": 5}, tensor_frames)
         items.append(protocol.BatchItem(b"client%d" % i, b"rid%d" % i, 250 if i else None, client[4:]))
-    frames = protocol.encode_batch(items)
+    frames = protocol.encode_batch(items, 1_700_000_000_123)
     assert frames[:3] == [b"", b"MDPW01", b"\x06"]
-    assert msgpack.unpackb(frames[3]) == [[4, None], [4, 250]]
+    assert msgpack.unpackb(frames[3]) == {"sent_ms": 1_700_000_000_123, "items": [[4, None], [4, 250]]}
     # what a DEALER hands on: control frames as bytes, the rest as zmq.Frames
     message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 3 else f for i, f in enumerate(frames)])
     assert message.command is Command.BATCH
     for i, (item, value) in enumerate(zip(message.fields, values)):
         assert (item.client, item.rid, item.budget_ms) == (b"client%d" % i, b"rid%d" % i, 250 if i else None)
+        assert item.sent_ms == 1_700_000_000_123
         header = protocol.unpack_header(item.body[0])
         assert header["timeout_ms"] == 5  # the client's header, untouched
         assert_same(protocol.decode_tensors(header["inputs"], item.body[1:])["x"], value)
@@ -576,12 +577,15 @@ def worker_replies() -> list:
         (worker_batch()[:4], "BATCH needs at least 4 frames after the command, got 1"),
         (worker_replies()[:7], "REPLIES needs at least 5 frames after the command, got 4"),
         (replace(worker_batch(), 3, b"\xc1"), "BATCH index is not valid msgpack"),
-        (replace(worker_batch(), 3, protocol.packb([])), "index must be a non-empty array"),
-        (replace(worker_batch(), 3, protocol.packb({"a": 1})), "index must be a non-empty array, got a map"),
-        (replace(worker_batch(), 3, protocol.packb([[3, None], [2, None]])), "frames >= 3"),
-        (replace(worker_batch(), 3, protocol.packb([[3, None], [3, -1]])), "budget_ms >= 0"),
-        (replace(worker_batch(), 3, protocol.packb([[3, None], [3, "soon"]])), "budget_ms >= 0"),
-        (replace(worker_batch(), 3, protocol.packb([[3, None]])), "3 frames left after the items"),
+        (replace(worker_batch(), 3, protocol.packb([[3, None], [3, None]])), "index must be a map, got an array"),
+        (replace(worker_batch(), 3, protocol.packb({"items": []})), "index items must be a non-empty array"),
+        (replace(worker_batch(), 3, protocol.packb({"a": 1})), "index items must be a non-empty array, got nil"),
+        (replace(worker_batch(), 3, protocol.packb({"items": [[3, None], [3, None]], "sent_ms": "now"})),
+         "sent_ms must be an integer or nil"),
+        (replace(worker_batch(), 3, protocol.packb({"items": [[3, None], [2, None]]})), "frames >= 3"),
+        (replace(worker_batch(), 3, protocol.packb({"items": [[3, None], [3, -1]]})), "budget_ms >= 0"),
+        (replace(worker_batch(), 3, protocol.packb({"items": [[3, None], [3, "soon"]]})), "budget_ms >= 0"),
+        (replace(worker_batch(), 3, protocol.packb({"items": [[3, None]]})), "3 frames left after the items"),
         (replace(worker_batch(), 4, b""), "client address must be 1 to 255"),
         (replace(worker_batch(), 8, b"i" * 256), "request-id must be 1 to 255"),
         (replace(worker_replies(), 3, b""), "sizes frame must hold one uint32 per reply, got 0 bytes"),
