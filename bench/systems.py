@@ -29,8 +29,9 @@ SYSTEM_TEXT = [
     "`in-process batch-N`: one compiled call on N rows, samples/s; the compute ceiling at N in flight.",
     "`threadpool`: in-process ThreadPoolExecutor, one `predict_on_batch` per request (what users do today); "
     "`threadpool tf.function`: the same with the compiled concrete function.",
-    "`modelpool-1`, `modelpool-2`: a pool with 1 or 2 replicas (one spawned process each), batching in the worker; "
-    "the `via` column says which client drove it.",
+    "`modelpool-1`, `modelpool-2`: a pool with 1 or 2 replicas (one spawned process each), batches formed in "
+    "the broker; the `via` column says which client drove it; notes give the mean rows per batch and the "
+    "mean time a request waited in the broker's queue.",
     "`ray-serve-2`: Ray Serve, 2 replicas, `@serve.batch`, requests through a DeploymentHandle from the "
     "benchmark process (no HTTP proxy); each replica gets cores/2 TensorFlow threads, as modelpool's do.",
 ]
@@ -125,8 +126,11 @@ def bench_modelpool(wl: str, path: str, x1: np.ndarray, replicas: int, args: arg
             for name in args.generators:
                 generator, via = GENERATORS[name]
                 sampler.reset()
+                before = pool.models()[wl]
                 win = generator(pool.endpoint, wl, x1, n, args.warmup, args.seconds)
-                mine.setdefault(via, []).append(_with_procs(win.row(wl, system, via, n), sampler))
+                row = _with_procs(win.row(wl, system, via, n), sampler)
+                row.add_note(batching_text(before, pool.models()[wl]))
+                mine.setdefault(via, []).append(row)
                 if win.note or win.errors:
                     log(f"{system} via {via} at {n} in flight: {win.note} errors={dict(win.errors)}")
         rows += [row for group in mine.values() for row in group]
@@ -143,6 +147,24 @@ def bench_modelpool(wl: str, path: str, x1: np.ndarray, replicas: int, args: arg
         code = pool.stop()
         if code != 0:
             log(f"{system}: launcher exited with {code}; log tail:\n{pool.read_log()[-3000:]}")
+
+
+def batching_text(before: dict, after: dict) -> str:
+    """Mean rows per batch and queue time between two mmi.models answers, overall and per worker."""
+    batches = after["batches"] - before["batches"]
+    if batches <= 0:
+        return "no batches"
+    rows = after["batch_rows"] - before["batch_rows"]
+    waited = after["queue_seconds"] - before["queue_seconds"]
+    sent = max(1, after["dispatched"] - before["dispatched"])
+    was = {w["id"]: w for w in before["workers"]}
+    per_worker = []
+    for w in after["workers"]:
+        old = was.get(w["id"], {"batches": 0, "rows": 0})
+        if w["batches"] > old["batches"]:
+            per_worker.append(f"{(w['rows'] - old['rows']) / (w['batches'] - old['batches']):.1f}")
+    return (f"mean batch {rows / batches:.1f} rows (per worker {', '.join(per_worker)}); "
+            f"mean queue time {waited / sent * 1000:.2f} ms")
 
 
 def _with_procs(row: Row, sampler: ProcSampler) -> Row:

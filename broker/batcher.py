@@ -170,11 +170,8 @@ class Batcher:
         if oldest is None:
             return _NOTHING
         rows = queue.lane_rows(oldest.key)
-        if rows < limit:
-            if not idle:
-                return _NOTHING
-            if self.max_delay and now < oldest.arrived + self.max_delay:
-                return Decision([], [], oldest.arrived + self.max_delay)
+        if idle and rows < limit and self.max_delay and now < oldest.arrived + self.max_delay:
+            return Decision([], [], oldest.arrived + self.max_delay)
         target = limit if not idle or share <= 1 else min(limit, max(1, -(-rows // share)))
         batch, expired = queue.take(oldest.key, target, now)
         return Decision(batch, expired)
