@@ -92,14 +92,14 @@ def test_requests_queued_behind_a_slow_batch_expire_504_and_never_run(qpool, tal
     messages = [protocol.reply_error(reply).message for _, reply in replies.values()]
     in_broker = sum("never reached the model" in m for m in messages)
     in_worker = sum("the model did not run it" in m for m in messages)
-    # the prefetched batch was handed to the worker and expired there; the rest expired in the queue
-    assert in_worker == 8 and in_broker == 292, (in_worker, in_broker)
+    # the batch prefetched to the worker (at most max_batch_size rows) expired there; the rest in the queue
+    assert 1 <= in_worker <= 8 and in_worker + in_broker == 300, (in_worker, in_broker)
     assert max(t for t, r in replies.values() if b"never" in r.header["error"]["message"].encode()) < slow_at
     calls = read_tally(tally)
     ran = [tag for call in calls for tag in call]
     assert len(ran) - before == 1 and ran[-1] == 1.0, calls[-3:]  # only the slow request ever ran
     summary = _status(qpool, "d")
-    assert summary["expired"] >= 292 and summary["queue_depth"] == 0 and summary["in_flight"] == 0
+    assert summary["expired"] >= in_broker and summary["queue_depth"] == 0 and summary["in_flight"] == 0
     print(f"\n504s: {in_broker} in the broker queue, {in_worker} in the worker; first 504 after "
           f"{min(t for t, _ in replies.values()) - started:.2f}s; slow answer after {slow_at - started:.2f}s")
 
@@ -111,20 +111,23 @@ def test_a_full_queue_answers_429_at_once_and_reports_what_really_waits(qpool, t
     for i in range(255):  # 256 in flight in all
         _send(dealer, "t", b"q%d" % i, _row(3.0 + i))
     refused = {}
-    while len(refused) < 255 - 8 - 8:  # 8 wait in the queue, 8 (one full batch) are prefetched
-        assert dealer.poll(5000), f"only {len(refused)} refusals"
+    while dealer.poll(500):  # refusals come at once; the others wait for the slow batch (2 s)
         reply = protocol.parse_reply(dealer.recv_multipart())
         assert reply.status == b"429", (reply.rid, reply.status, reply.header)
         refused[reply.rid] = time.monotonic()
-    refusals_done = time.monotonic() - started
+    refusals_done = max(refused.values()) - started
     summary = _status(qpool, "t")
+    # what is not refused waits in the broker (max_queue = 8) or went ahead to the worker as one
+    # batch of at most max_batch_size = 8 rows behind the slow one
     assert summary["queue_depth"] == 8 and summary["queue_rows"] == 8
-    assert summary["in_flight"] == 1 + 8
+    ahead = summary["in_flight"] - 1
+    assert 1 <= ahead <= 8 and len(refused) == 255 - 8 - ahead, (len(refused), summary)
     message = protocol.reply_error(reply).message
     assert '"t"' in message and "queue is full (8 requests waiting)" in message
     assert refusals_done < SLOW - 0.3, refusals_done  # at once: before the slow batch ends
-    answered = _collect(dealer, 1 + 16)
+    answered = _collect(dealer, 1 + 8 + ahead)
     assert {r.status for _, r in answered.values()} == {b"200"}
     assert set(answered).isdisjoint(refused)
     assert _status(qpool, "t")["queue_depth"] == 0
-    print(f"\n429: {len(refused)} refused within {refusals_done:.2f}s; 17 answered 200; queue_depth was 8")
+    print(f"\n429: {len(refused)} refused within {refusals_done:.2f}s; {1 + 8 + ahead} answered 200; "
+          f"queue_depth was 8, {ahead} ahead in the worker")

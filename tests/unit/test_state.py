@@ -256,29 +256,26 @@ def test_ready_from_unknown_model_is_refused(clock):
     only_error(state, ALICE, b"s", b"404", ModelNotFound)
 
 
-def test_idle_workers_take_turns_and_busy_ones_get_only_full_batches(clock):
+def test_idle_workers_take_turns_and_busy_ones_get_one_batch_ahead(clock):
     state = make_state(clock, "m")
     ready(state, W1, "m", max_batch_size=4, prefetch=1)
     ready(state, W2, "m", max_batch_size=4, prefetch=1)
     infer(state, ALICE, "m", b"a")
     infer(state, ALICE, "m", b"b")
     assert [w for w, *_ in dispatched(state)] == [W1, W2]  # each idle worker in turn
-    for i in range(3):  # both busy: three rows are no full batch, so they wait in the broker
-        infer(state, BOB, "m", b"q%d" % i)
-    assert dispatched(state) == [] and state.models[b"m"].queued == 3
-    infer(state, BOB, "m", b"q3")  # the fourth row fills a batch: prefetched to one worker
+    for i in range(3):  # both busy: what waits goes ahead to one, then the other
+        infer(state, BOB, "m", b"q%d" % i, dispatch=False)
+    state.dispatch()
     [(who, items)] = batches(state)
-    assert [i.rid for i in items] == [b"q0", b"q1", b"q2", b"q3"]
-    assert state.workers[who].batches == 2
-    for i in range(4):  # a worker with two batches in hand gets no third, however full
-        infer(state, BOB, "m", b"r%d" % i)
+    assert [i.rid for i in items] == [b"q0", b"q1", b"q2"] and state.workers[who].batches == 2
+    infer(state, BOB, "m", b"r0")
     [(other, items)] = batches(state)
-    assert other != who and state.workers[other].batches == 2
-    infer(state, BOB, "m", b"s0")
+    assert other != who and [i.rid for i in items] == [b"r0"]
+    infer(state, BOB, "m", b"s0")  # both hold a batch running and one ahead: s0 waits in the broker
     assert dispatched(state) == [] and state.models[b"m"].queued == 1
-    reply(state, W1, ALICE, b"a")  # W1 is down to one batch, so not idle: s0 alone is no full batch
+    reply(state, W1, ALICE, b"a")  # W1's credit for batch [a] returns
     client_out(state)
-    assert dispatched(state) == []
+    assert dispatched(state) == [(W1, BOB, b"s0")]
 
 
 def test_a_burst_becomes_one_batch_split_over_idle_workers(clock):
@@ -300,8 +297,7 @@ def test_batches_hold_max_batch_size_rows_and_a_larger_request_goes_alone(clock)
     for rid, rows in ((b"a", 3), (b"b", 2), (b"big", 9), (b"c", 1)):
         infer(state, ALICE, "m", rid, rows=rows, dispatch=False)
     state.dispatch()
-    assert [[i.rid for i in items] for _, items in batches(state)] == [[b"a"], [b"b"], [b"big"]]
-    assert state.models[b"m"].queued == 1  # one row is no full batch: it waits for the worker to be idle
+    assert [[i.rid for i in items] for _, items in batches(state)] == [[b"a"], [b"b"], [b"big"], [b"c"]]
 
 
 def test_only_compatible_requests_share_a_batch_oldest_lane_first(clock):
