@@ -122,12 +122,20 @@ def _talks_to_pool(command: Callable[[argparse.Namespace], int]) -> Callable[[ar
 
 # 4XX: requests the pool refused (bad input, queue full); 5XX: the model raised, crashed, timed out or
 # could not be reached. A client sending bad requests does not make the model look broken.
-STATUS_COLUMNS = ("MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN FLIGHT", "SERVED", "4XX", "5XX")
+STATUS_COLUMNS = ("MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN FLIGHT", "BATCH", "SERVED", "4XX",
+                  "5XX")
 
 
 def _count(entry: dict, key: str) -> str:
     value = entry.get(key)
     return "-" if value is None else str(value)
+
+
+def _mean_batch(entry: dict) -> str:
+    batches, rows = entry.get("batches"), entry.get("batch_rows")
+    if not isinstance(batches, int) or not isinstance(rows, int) or batches <= 0:
+        return "-"
+    return f"{rows / batches:.1f}"
 
 
 def format_status(models: list[dict], endpoint: str = "") -> str:
@@ -142,7 +150,7 @@ def format_status(models: list[dict], endpoint: str = "") -> str:
             ready += f"/{m['replicas_expected']}"
         rows.append((str(m.get("name", "?")), str(m.get("version") or "-"), ready, _count(m, "replicas_starting"),
                      _count(m, "replicas_failed"), _count(m, "queue_depth"), _count(m, "in_flight"),
-                     _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
+                     _mean_batch(m), _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
     widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(STATUS_COLUMNS)]
 
     def line(cells: tuple[str, ...]) -> str:

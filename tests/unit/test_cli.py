@@ -13,8 +13,8 @@ from modelpool import cli as modelpool
 MODELS = [
     {"name": "digits", "version": "1", "replicas_ready": 2, "replicas_starting": 0, "replicas_failed": 0,
      "replicas_expected": 2, "queue_depth": 3, "in_flight": 4, "served": 12345, "errors": 1, "client_errors": 40,
-     "load_error": None,
-     "workers": [{"id": "w1", "pid": 101, "state": "ready", "capacity": 64, "in_flight": 2}]},
+     "batches": 1000, "batch_rows": 12345, "load_error": None,
+     "workers": [{"id": "w1", "pid": 101, "state": "ready", "max_batch_size": 64, "in_flight": 2}]},
     {"name": "broken", "version": "2", "replicas_ready": 0, "replicas_starting": 1, "replicas_failed": 3,
      "replicas_expected": 1, "queue_depth": 0, "in_flight": 0, "served": 0, "errors": 7, "client_errors": 0,
      "load_error": "OSError: no such file\nwhile loading 'x.keras'", "workers": []},
@@ -116,10 +116,10 @@ def test_status_table_lines_up_and_reports_load_errors():
     lines = text.splitlines()
     assert lines[0] == "pool at tcp://127.0.0.1:5555"
     header, broken, digits = lines[1], lines[2], lines[3]
-    assert header.split() == ["MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN", "FLIGHT", "SERVED",
-                              "4XX", "5XX"]
-    assert broken.split() == ["broken", "2", "0/1", "1", "3", "0", "0", "0", "0", "7"]  # sorted by name
-    assert digits.split() == ["digits", "1", "2/2", "0", "0", "3", "4", "12345", "40", "1"]  # bad requests apart
+    assert header.split() == ["MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN", "FLIGHT", "BATCH",
+                              "SERVED", "4XX", "5XX"]
+    assert broken.split() == ["broken", "2", "0/1", "1", "3", "0", "0", "-", "0", "0", "7"]  # sorted by name
+    assert digits.split() == ["digits", "1", "2/2", "0", "0", "3", "4", "12.3", "12345", "40", "1"]  # mean rows
     # numbers are right-aligned under their headings
     assert header.index("SERVED") + len("SERVED") == digits.index("12345") + len("12345")
     assert len(header) == len(digits) == len(broken)
@@ -130,7 +130,7 @@ def test_status_table_lines_up_and_reports_load_errors():
 def test_status_table_copes_with_missing_fields_and_no_models():
     assert modelpool.format_status([]) == "no models served"
     row = modelpool.format_status([{"name": "remote"}]).splitlines()[1]
-    assert row.split() == ["remote", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert row.split() == ["remote", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
 
 
 def test_status_prints_the_table(fake, capsys):
