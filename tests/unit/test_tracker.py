@@ -1,0 +1,194 @@
+"""The clients' request tracker (client.tracker.Tracker) driven by hand: a fake clock, no sockets.
+
+Requests are real request frames from the client's RequestBuilder, so that what would be re-sent is
+checked by parsing it as the broker would.
+"""
+from __future__ import annotations
+
+import pytest
+
+from modelpool.client import protocol
+from modelpool.client.base import RequestBuilder
+from modelpool.client.errors import RequestTimeout, Unavailable
+from modelpool.client.tracker import DEADLINE_GRACE, Tracker, lost_error, timeout_error
+
+ENDPOINT = "tcp://127.0.0.1:5555"
+T0 = 1000.0
+
+
+def _request(builder: RequestBuilder, timeout: float | None = 2.5) -> tuple[bytes, list]:
+    return builder.request("m", {"inputs": []}, timeout=timeout)
+
+
+@pytest.fixture()
+def builder() -> RequestBuilder:
+    return RequestBuilder()
+
+
+def test_whole_timeout_goes_in_the_header_once(builder):
+    rid, frames = _request(builder, 2.5)
+    assert protocol.parse_request(frames).header["timeout_ms"] == 2500
+    tracker = Tracker(retries=1)
+    entry = tracker.sent(rid, frames, 2.5, T0)
+    assert entry.deadline == T0 + 2.5 and entry.give_up == T0 + 2.5 + DEADLINE_GRACE
+    assert entry.sends == 1 and entry.frames is frames
+
+
+def test_deadline_plus_grace_then_expired(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder)
+    entry = tracker.sent(rid, frames, 2.5, T0)
+    assert tracker.next_timeout(T0) == pytest.approx(2.5 + DEADLINE_GRACE)
+    assert tracker.expired(T0 + 2.5) == []  # the broker's 504 may still be on its way
+    assert tracker.next_timeout(T0 + 2.5) == pytest.approx(DEADLINE_GRACE)
+    assert tracker.expired(T0 + 2.5 + DEADLINE_GRACE) == [entry]
+    assert not tracker and tracker.next_timeout(T0 + 10) is None
+    error = timeout_error(entry, ENDPOINT)
+    assert isinstance(error, RequestTimeout)
+    assert str(error) == f"no reply within 2.500s from {ENDPOINT}; is the pool running there?"
+
+
+def test_a_mere_timeout_resends_nothing(builder):
+    tracker = Tracker(retries=3)
+    rid, frames = _request(builder)
+    entry = tracker.sent(rid, frames, 1.0, T0)
+    assert tracker.expired(T0 + 5) == [entry]
+    assert tracker.reconnected(T0 + 5) == []  # not held: a slow answer is not a lost connection
+    assert entry.sends == 1
+
+
+def test_reply_matched_by_rid_and_late_reply_dropped(builder):
+    tracker = Tracker(retries=1)
+    (r1, f1), (r2, f2) = _request(builder), _request(builder)
+    e1 = tracker.sent(r1, f1, 1.0, T0)
+    e2 = tracker.sent(r2, f2, 5.0, T0)
+    assert tracker.reply(r2) is e2
+    assert tracker.reply(r2) is None  # a duplicate answer
+    assert tracker.reply(b"nobody asked") is None
+    assert tracker.expired(T0 + 1.0 + DEADLINE_GRACE) == [e1]
+    assert tracker.reply(r1) is None  # late: given up on already
+    assert len(tracker) == 0
+
+
+def test_next_timeout_is_the_earliest_of_mixed_timeouts(builder):
+    tracker = Tracker(retries=0)
+    entries = {}
+    for timeout in (5.0, 1.0, 3.0):
+        rid, frames = _request(builder, timeout)
+        entries[timeout] = tracker.sent(rid, frames, timeout, T0)
+    assert tracker.next_timeout(T0) == pytest.approx(1.0 + DEADLINE_GRACE)
+    tracker.reply(entries[1.0].rid)
+    assert tracker.next_timeout(T0) == pytest.approx(3.0 + DEADLINE_GRACE)
+    assert tracker.expired(T0 + 10) == [entries[3.0], entries[5.0]]
+
+
+def test_many_answered_requests_do_not_pile_up(builder):
+    tracker = Tracker(retries=1)
+    for _ in range(10_000):
+        rid, frames = _request(builder)
+        tracker.sent(rid, frames, 30.0, T0)
+        assert tracker.reply(rid) is not None
+    assert len(tracker._heap) < 200
+
+
+def test_connection_lost_then_resent_with_same_rid_and_remaining_budget(builder):
+    tracker = Tracker(retries=1)
+    (r1, f1), (r2, f2) = _request(builder, 10.0), _request(builder, 10.0)
+    e1 = tracker.sent(r1, f1, 10.0, T0)
+    e2 = tracker.sent(r2, f2, 10.0, T0 + 1)
+    held, failed = tracker.connection_lost(T0 + 2)
+    assert held == [e1, e2] and failed == []
+    assert tracker.connection_lost(T0 + 2.5) == ([], [])  # held ones are not lost twice
+    # while the connection is down, held requests wait for their deadline (no grace: no broker has them)
+    assert tracker.next_timeout(T0 + 3) == pytest.approx(7.0)
+    again = tracker.reconnected(T0 + 4)
+    assert again == [e1, e2]
+    for entry, sent_at in ((e1, T0), (e2, T0 + 1)):
+        request = protocol.parse_request(entry.frames)
+        assert request.rid == entry.rid  # the same request-id: the broker can drop a second copy
+        assert request.header["timeout_ms"] == round((sent_at + 10.0 - (T0 + 4)) * 1000)
+        assert request.header["inputs"] == [] and request.model == b"m"
+        assert entry.sends == 2 and entry.retries_left == 0
+        assert entry.give_up == sent_at + 10.0 + DEADLINE_GRACE  # the budget is not renewed
+    assert tracker.reconnected(T0 + 5) == []  # nothing held any more
+    assert tracker.reply(r1) is e1
+
+
+def test_lost_again_with_no_retries_left_fails_at_once(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 10.0)
+    entry = tracker.sent(rid, frames, 10.0, T0)
+    tracker.connection_lost(T0 + 1)
+    assert tracker.reconnected(T0 + 2) == [entry]
+    held, failed = tracker.connection_lost(T0 + 3)
+    assert held == [] and failed == [entry]
+    assert not tracker
+    error = lost_error(entry, ENDPOINT)
+    assert isinstance(error, Unavailable)
+    assert str(error) == (f"the connection to the broker at {ENDPOINT} was lost while the request was in flight "
+                          "(sent 2 times, no retries left); it may or may not have run")
+
+
+def test_retries_zero_fails_lost_requests_but_not_later_ones(builder):
+    tracker = Tracker(retries=0)
+    (r1, f1), (r2, f2) = _request(builder), _request(builder)
+    e1 = tracker.sent(r1, f1, 2.5, T0)
+    held, failed = tracker.connection_lost(T0 + 0.1)
+    assert held == [] and failed == [e1]
+    assert "sent once" in str(lost_error(e1, ENDPOINT))
+    e2 = tracker.sent(r2, f2, 2.5, T0 + 0.2)  # sent while down: ZeroMQ keeps it for the reconnection
+    assert tracker.reconnected(T0 + 0.3) == []
+    assert tracker.reply(r2) is e2
+
+
+def test_held_request_times_out_at_its_deadline_if_the_connection_stays_down(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 2.0)
+    entry = tracker.sent(rid, frames, 2.0, T0)
+    tracker.connection_lost(T0 + 0.5)
+    assert tracker.expired(T0 + 1.9) == []
+    assert tracker.next_timeout(T0 + 1.9) == pytest.approx(0.1)
+    assert tracker.expired(T0 + 2.0) == [entry]
+    error = timeout_error(entry, ENDPOINT)
+    assert isinstance(error, RequestTimeout) and "was lost with the request in flight and did not come back" in str(error)
+    assert tracker.reconnected(T0 + 2.1) == [] and not tracker
+
+
+def test_held_request_past_its_deadline_is_not_resent(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 1.0)
+    entry = tracker.sent(rid, frames, 1.0, T0)
+    tracker.connection_lost(T0 + 0.5)
+    assert tracker.reconnected(T0 + 1.2) == []  # reconnected too late: no budget left to send
+    assert tracker.expired(T0 + 1.2) == [entry]
+
+
+def test_held_request_answered_by_a_copy_that_survived_is_not_resent(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 5.0)
+    entry = tracker.sent(rid, frames, 5.0, T0)
+    tracker.connection_lost(T0 + 0.1)
+    assert tracker.reply(rid) is entry
+    assert tracker.reconnected(T0 + 0.2) == []
+    assert tracker.next_timeout(T0 + 0.2) is None
+
+
+def test_discard_and_clear(builder):
+    tracker = Tracker(retries=1)
+    (r1, f1), (r2, f2) = _request(builder), _request(builder)
+    tracker.sent(r1, f1, 2.5, T0)
+    e2 = tracker.sent(r2, f2, 2.5, T0)
+    tracker.connection_lost(T0 + 0.1)
+    tracker.discard(r1)  # its caller gave up (cancelled): neither resent nor reported
+    assert tracker.reconnected(T0 + 0.2) == [e2]
+    assert tracker.clear() == [e2]
+    assert tracker.expired(T0 + 100) == [] and tracker.next_timeout(T0) is None
+
+
+def test_a_header_without_timeout_is_resent_as_it_was(builder):
+    rid, frames = builder.request("mmi.models", {})
+    tracker = Tracker(retries=1)
+    entry = tracker.sent(rid, frames, 1.0, T0)
+    tracker.connection_lost(T0)
+    assert tracker.reconnected(T0 + 0.1) == [entry]
+    assert protocol.parse_request(entry.frames).header == {}
