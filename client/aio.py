@@ -7,10 +7,11 @@ that awaits a request abandons the request cleanly.
 Deadlines and retries as in the sync client, kept by the same ``Tracker`` (``client/tracker.py``): a
 request's whole ``timeout`` goes to the broker once as its ``timeout_ms``, and one timer, set for the
 earliest deadline plus ``DEADLINE_GRACE``, fails the requests that ran out of time with RequestTimeout;
-a slow answer is never sent again. A watcher task reads the socket's monitor: when the connection
-drops, the requests in flight on it are sent again once ZeroMQ has reconnected (``retries`` times at
-most, under the same request-id, with ``timeout_ms`` cut to what is left), and those with no retry
-left fail at once with Unavailable.
+a slow answer is never sent again. A watcher task reads the socket's monitor. While the connection is
+down (before the first handshake too), requests wait in the tracker and the watcher sends them when
+it is up; when it drops, the requests in flight on it are sent again once ZeroMQ has reconnected
+(``retries`` times at most, under the same request-id, with ``timeout_ms`` cut to what is left), and
+those with no retry left fail at once with Unavailable.
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ class AsyncClient:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
             except zmq.ZMQError:  # closed under us
                 return
-            now = self._loop.time()
+            now = asyncio.get_running_loop().time()
             if event == zmq.EVENT_DISCONNECTED:
                 held, failed = self._tracker.connection_lost(now)
                 if held or failed:
@@ -180,24 +181,26 @@ class AsyncClient:
                     if entry.tag.done():  # cancelled meanwhile
                         self._tracker.discard(entry.rid)
                     else:
-                        await self._send(sock, entry.frames)
+                        self._send(sock, entry.frames)  # a full queue: it goes when there is room
 
     def _arm(self) -> None:
         """Set the one timer for the earliest deadline (plus grace) of the requests in flight."""
-        timeout = self._tracker.next_timeout(self._loop.time())
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self._tracker.next_timeout(now)
         if timeout is None:
             return
-        when = self._loop.time() + timeout
+        when = now + timeout
         timer = self._timer
         if timer is not None:
             if timer.when() <= when:
                 return
             timer.cancel()
-        self._timer = self._loop.call_at(when, self._expire)
+        self._timer = loop.call_at(when, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
-        for entry in self._tracker.expired(self._loop.time()):
+        for entry in self._tracker.expired(asyncio.get_running_loop().time()):
             _fail(entry.tag, timeout_error(entry, self.endpoint))
         self._arm()
 
@@ -223,8 +226,9 @@ class AsyncClient:
                 except RuntimeError:  # the loop it was registered with is closed
                     zmq.Socket.close(s, linger=0)
 
-    async def _send(self, sock: zmq.asyncio.Socket, frames: list) -> None:
-        await sock.send_multipart(frames, copy=False)
+    def _send(self, sock: zmq.asyncio.Socket, frames: list) -> asyncio.Future:
+        """Send a request; the future is done at once unless the socket's queue is full."""
+        return sock.send_multipart(frames, copy=False)
 
     # --- round trips ---------------------------------------------------------------------
 
@@ -232,14 +236,21 @@ class AsyncClient:
         sock = self._ensure()
         loop = self._loop
         future = loop.create_future()
+        # while the connection is down the request waits in the tracker; the watcher sends it
+        sending = self._send(sock, frames) if self._tracker.connected else None
         entry = self._tracker.sent(rid, frames, self._wait(timeout), loop.time(), future)
         timer = self._timer
         if timer is None or entry.give_up < timer.when():
             self._arm()
         try:
-            await self._send(sock, frames)
+            if sending is not None and not sending.done():  # the queue is full: wait for room, not past the deadline
+                await asyncio.wait((sending, future), return_when=asyncio.FIRST_COMPLETED)
+            if sending is not None and sending.done():
+                sending.result()  # a send that failed (a closed socket) raises here
             return await future
         finally:
+            if sending is not None and not sending.done():
+                sending.cancel()
             self._tracker.discard(rid)  # cancelled: nobody waits for it any more
 
     def _wait(self, timeout: float | None) -> float:

@@ -12,9 +12,10 @@ of the requests in flight on it. A request's whole ``timeout`` goes to the broke
 ``timeout_ms``; the client waits that plus ``DEADLINE_GRACE`` for the answer (the broker's 504 included),
 then raises RequestTimeout. A slow answer is never sent again and never costs the socket: a late reply
 is dropped by its request-id. The monitor socket is polled in the same ``zmq_poll`` as the socket
-itself; when the connection drops, the requests in flight on it are sent again once ZeroMQ has
-reconnected (``retries`` times at most, under the same request-id, with ``timeout_ms`` cut to what is
-left), and those with no retry left fail at once with Unavailable.
+itself. While the connection is down (before the first handshake too), requests wait in the tracker;
+when it drops, the requests in flight on it are sent again once ZeroMQ has reconnected (``retries``
+times at most, under the same request-id, with ``timeout_ms`` cut to what is left), and those with no
+retry left fail at once with Unavailable.
 """
 from __future__ import annotations
 
@@ -88,12 +89,12 @@ class _Link:
 
     def send(self, rid: bytes, frames: list, timeout: float, now: float, tag: Any = None,
              decode: Callable[[protocol.Reply], Any] | None = None) -> Entry:
-        """Put a request on the wire and track it."""
+        """Put a request on the wire and track it; while the connection is down, it waits in the tracker."""
         if now - self.watched > MONITOR_STALE:
             self.watch(now)
-        entry = self.tracker.sent(rid, frames, timeout, now, tag, decode)
-        send_frames(self.sock, frames)
-        return entry
+        if self.tracker.connected:
+            send_frames(self.sock, frames)
+        return self.tracker.sent(rid, frames, timeout, now, tag, decode)
 
     def wait(self) -> list[Outcome]:
         """Block until some requests are answered, fail or run out of time; [] when none is in flight."""
@@ -270,7 +271,7 @@ class _Dispatcher:
         try:
             while not self._stopping:
                 self._admit(link)
-                timeout = link.tracker.next_timeout(time.monotonic())
+                timeout = 0 if link.done else link.tracker.next_timeout(time.monotonic())
                 ready = zmq_poll(items, -1 if timeout is None else math.ceil(timeout * 1000))
                 if any(item == self._wake_r for item, _ in ready):
                     self._drain_wake()
@@ -389,7 +390,10 @@ class Client:
         others: list[Outcome] = []
         try:
             while True:
-                for done, outcome in link.wait():
+                outcomes = link.wait()
+                if not outcomes:  # nothing in flight: our request cannot be; never spin on it
+                    raise PoolError(f"request {rid.hex()} was dropped by the client's tracker")
+                for done, outcome in outcomes:
                     if done is not entry:
                         others.append((done, outcome))
                     elif isinstance(outcome, PoolError):

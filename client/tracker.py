@@ -11,15 +11,18 @@ the client gives up and raises ``RequestTimeout`` itself. A slow answer is never
 request again: a request that runs out of time is dropped, and a reply that comes later is dropped by
 its request-id.
 
-Lost connections. Requests go out on one DEALER socket that keeps its connection across broker
-restarts (ZeroMQ reconnects by itself and keeps messages not yet written in its pipe). When the socket
-monitor reports the connection dropped, the requests that were sent and not answered may be lost with
-the broker: ``connection_lost`` holds each that has a retry left and fails the others at once; when the
-connection is back, ``reconnected`` hands back the held ones to send again, under the same request-id
-(the broker drops a second copy of a request-id it still holds from the same client, so a copy that
-also survived in ZeroMQ's pipe cannot run twice) and with ``timeout_ms`` cut to what is left of the
-request's budget. A held request whose deadline passes before the connection comes back times out at
-its deadline: no broker holds it that could answer 504.
+Connections. Requests go out on one DEALER socket that keeps its connection across broker restarts
+(ZeroMQ reconnects by itself). The tracker knows whether that connection is up, as the socket's
+monitor last reported. While it is not (before the first handshake, and from a disconnect until the
+next one), new requests are held here rather than queued in ZeroMQ's pipe: a request that runs out of
+time while no broker listens is dropped instead of reaching the next broker late, and the pipe never
+fills up (a DEALER send blocks at the high-water mark). When the connection drops, the requests that
+were sent and not answered may be lost with the broker: ``connection_lost`` holds each that has a
+retry left and fails the others at once. When it is up, ``reconnected`` hands back every held request
+to send now, under its own request-id (the broker drops a second copy of a request-id it still holds
+from the same client, so a copy that also survived in ZeroMQ's pipe cannot run twice) and with
+``timeout_ms`` cut to what is left of its budget. A held request whose deadline passes first times out
+at its deadline, without the grace: no broker holds it that could answer 504.
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ class Entry:
         self.deadline = deadline  # when the budget (and the broker's timeout_ms) runs out
         self.give_up = give_up  # deadline + grace: when the client stops waiting for a reply
         self.retries_left = retries
-        self.sends = 1
-        self.held = False  # lost with the connection, waiting to be sent again
+        self.sends = 0
+        self.held = False  # waiting for the connection: not sent yet, or lost with it
         self.tag = tag  # what the caller wants back with the outcome: a Future, an index
         self.decode = decode
 
@@ -66,6 +69,7 @@ class Tracker:
     def __init__(self, retries: int, grace: float = DEADLINE_GRACE) -> None:
         self.retries = retries
         self.grace = grace
+        self.connected = False  # as the socket monitor last reported; False until the first handshake
         self.pending: dict[bytes, Entry] = {}
         self._held: list[Entry] = []
         self._heap: list[tuple[float, int, Entry]] = []  # by give_up; answered entries are skipped lazily
@@ -79,10 +83,18 @@ class Tracker:
 
     def sent(self, rid: bytes, frames: list, timeout: float, now: float, tag: Any = None,
              decode: Callable[[protocol.Reply], Any] | None = None) -> Entry:
-        """Track a request that goes on the wire now, with ``timeout`` seconds for its answer."""
+        """Track a new request with ``timeout`` seconds for its answer.
+
+        The caller has put it on the wire when ``connected``; otherwise it is held, for ``reconnected``.
+        """
         deadline = now + timeout
         entry = Entry(rid, frames, timeout, deadline, deadline + self.grace, self.retries, tag, decode)
         self.pending[rid] = entry
+        if self.connected:
+            entry.sends = 1
+        else:
+            entry.held = True
+            self._held.append(entry)
         heap = self._heap
         if len(heap) > 2 * len(self.pending) + 64:  # mostly answered entries: rebuild instead of growing
             heap[:] = [item for item in heap if self.pending.get(item[2].rid) is item[2]]
@@ -143,6 +155,7 @@ class Tracker:
         Every request sent and not answered may have been lost with it. The failed ones are no longer
         tracked (see ``lost_error``); requests already held stay held.
         """
+        self.connected = False
         held: list[Entry] = []
         failed: list[Entry] = []
         for entry in list(self.pending.values()):
@@ -159,19 +172,19 @@ class Tracker:
         return held, failed
 
     def reconnected(self, now: float) -> list[Entry]:
-        """The connection is back: the held requests to send again now, their ``timeout_ms`` cut to what is left.
+        """The connection is up (the first time or again): the held requests to send now.
 
-        A held request whose deadline has passed stays held, for ``expired`` to report.
+        Their ``timeout_ms`` is cut to what is left of their budget; one whose deadline has passed stays
+        held, for ``expired`` to report.
         """
+        self.connected = True
         out: list[Entry] = []
         for entry in self._held:
             left = entry.deadline - now
             if left <= 0:
                 continue
-            header = protocol.unpack_header(entry.frames[4])
-            if "timeout_ms" in header:
-                header["timeout_ms"] = max(1, math.ceil(left * 1000))
-                entry.frames = [*entry.frames[:4], protocol.packb(header), *entry.frames[5:]]
+            if entry.timeout - left >= 0.001:  # timeout_ms counts from when the broker receives it
+                entry.frames = _retimed(entry.frames, left)
             entry.held = False
             entry.sends += 1
             out.append(entry)
@@ -179,8 +192,19 @@ class Tracker:
         return out
 
 
+def _retimed(frames: list, left: float) -> list:
+    """A request's frames with its header's ``timeout_ms`` (if it has one) cut to ``left`` seconds."""
+    header = protocol.unpack_header(frames[4])
+    if "timeout_ms" not in header:
+        return frames
+    header["timeout_ms"] = max(1, math.ceil(left * 1000))
+    return [*frames[:4], protocol.packb(header), *frames[5:]]
+
+
 def timeout_error(entry: Entry, endpoint: str) -> RequestTimeout:
     """What a request that ran out of time raises."""
+    if entry.held and entry.sends == 0:
+        return RequestTimeout(f"no connection to {endpoint} within {entry.timeout:.3f}s; is the pool running there?")
     if entry.held:
         return RequestTimeout(f"the connection to {endpoint} was lost with the request in flight and did not come "
                               f"back within its {entry.timeout:.3f}s timeout")

@@ -160,10 +160,10 @@ def test_requests_in_flight_when_the_broker_is_killed_are_resent_once_to_the_nex
     aclient = AsyncClient(endpoint, timeout=180)
     plain_send = aclient._send
 
-    async def async_send(sock, frames):
+    def async_send(sock, frames):
         if len(frames) > 5:
             sends.append((frames[3], time.monotonic()))
-        await plain_send(sock, frames)
+        return plain_send(sock, frames)
 
     aclient._send = async_send
     first = Pool(spec, frontend=endpoint)

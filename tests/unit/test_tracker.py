@@ -20,6 +20,13 @@ def _request(builder: RequestBuilder, timeout: float | None = 2.5) -> tuple[byte
     return builder.request("m", {"inputs": []}, timeout=timeout)
 
 
+def _up(retries: int) -> Tracker:
+    """A tracker whose connection is up (its socket's first handshake done)."""
+    tracker = Tracker(retries)
+    assert tracker.reconnected(T0 - 1) == []
+    return tracker
+
+
 @pytest.fixture()
 def builder() -> RequestBuilder:
     return RequestBuilder()
@@ -28,14 +35,14 @@ def builder() -> RequestBuilder:
 def test_whole_timeout_goes_in_the_header_once(builder):
     rid, frames = _request(builder, 2.5)
     assert protocol.parse_request(frames).header["timeout_ms"] == 2500
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     entry = tracker.sent(rid, frames, 2.5, T0)
     assert entry.deadline == T0 + 2.5 and entry.give_up == T0 + 2.5 + DEADLINE_GRACE
     assert entry.sends == 1 and entry.frames is frames
 
 
 def test_deadline_plus_grace_then_expired(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     rid, frames = _request(builder)
     entry = tracker.sent(rid, frames, 2.5, T0)
     assert tracker.next_timeout(T0) == pytest.approx(2.5 + DEADLINE_GRACE)
@@ -49,7 +56,7 @@ def test_deadline_plus_grace_then_expired(builder):
 
 
 def test_a_mere_timeout_resends_nothing(builder):
-    tracker = Tracker(retries=3)
+    tracker = _up(retries=3)
     rid, frames = _request(builder)
     entry = tracker.sent(rid, frames, 1.0, T0)
     assert tracker.expired(T0 + 5) == [entry]
@@ -58,7 +65,7 @@ def test_a_mere_timeout_resends_nothing(builder):
 
 
 def test_reply_matched_by_rid_and_late_reply_dropped(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     (r1, f1), (r2, f2) = _request(builder), _request(builder)
     e1 = tracker.sent(r1, f1, 1.0, T0)
     e2 = tracker.sent(r2, f2, 5.0, T0)
@@ -71,7 +78,7 @@ def test_reply_matched_by_rid_and_late_reply_dropped(builder):
 
 
 def test_next_timeout_is_the_earliest_of_mixed_timeouts(builder):
-    tracker = Tracker(retries=0)
+    tracker = _up(retries=0)
     entries = {}
     for timeout in (5.0, 1.0, 3.0):
         rid, frames = _request(builder, timeout)
@@ -83,7 +90,7 @@ def test_next_timeout_is_the_earliest_of_mixed_timeouts(builder):
 
 
 def test_many_answered_requests_do_not_pile_up(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     for _ in range(10_000):
         rid, frames = _request(builder)
         tracker.sent(rid, frames, 30.0, T0)
@@ -92,7 +99,7 @@ def test_many_answered_requests_do_not_pile_up(builder):
 
 
 def test_connection_lost_then_resent_with_same_rid_and_remaining_budget(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     (r1, f1), (r2, f2) = _request(builder, 10.0), _request(builder, 10.0)
     e1 = tracker.sent(r1, f1, 10.0, T0)
     e2 = tracker.sent(r2, f2, 10.0, T0 + 1)
@@ -115,7 +122,7 @@ def test_connection_lost_then_resent_with_same_rid_and_remaining_budget(builder)
 
 
 def test_lost_again_with_no_retries_left_fails_at_once(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     rid, frames = _request(builder, 10.0)
     entry = tracker.sent(rid, frames, 10.0, T0)
     tracker.connection_lost(T0 + 1)
@@ -130,19 +137,19 @@ def test_lost_again_with_no_retries_left_fails_at_once(builder):
 
 
 def test_retries_zero_fails_lost_requests_but_not_later_ones(builder):
-    tracker = Tracker(retries=0)
+    tracker = _up(retries=0)
     (r1, f1), (r2, f2) = _request(builder), _request(builder)
     e1 = tracker.sent(r1, f1, 2.5, T0)
     held, failed = tracker.connection_lost(T0 + 0.1)
     assert held == [] and failed == [e1]
     assert "sent once" in str(lost_error(e1, ENDPOINT))
-    e2 = tracker.sent(r2, f2, 2.5, T0 + 0.2)  # sent while down: ZeroMQ keeps it for the reconnection
-    assert tracker.reconnected(T0 + 0.3) == []
+    e2 = tracker.sent(r2, f2, 2.5, T0 + 0.2)  # made while down: it waits for the connection, no retry spent
+    assert tracker.reconnected(T0 + 0.3) == [e2]
     assert tracker.reply(r2) is e2
 
 
 def test_held_request_times_out_at_its_deadline_if_the_connection_stays_down(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     rid, frames = _request(builder, 2.0)
     entry = tracker.sent(rid, frames, 2.0, T0)
     tracker.connection_lost(T0 + 0.5)
@@ -150,12 +157,13 @@ def test_held_request_times_out_at_its_deadline_if_the_connection_stays_down(bui
     assert tracker.next_timeout(T0 + 1.9) == pytest.approx(0.1)
     assert tracker.expired(T0 + 2.0) == [entry]
     error = timeout_error(entry, ENDPOINT)
-    assert isinstance(error, RequestTimeout) and "was lost with the request in flight and did not come back" in str(error)
+    assert isinstance(error, RequestTimeout)
+    assert "was lost with the request in flight and did not come back within its 2.000s timeout" in str(error)
     assert tracker.reconnected(T0 + 2.1) == [] and not tracker
 
 
 def test_held_request_past_its_deadline_is_not_resent(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     rid, frames = _request(builder, 1.0)
     entry = tracker.sent(rid, frames, 1.0, T0)
     tracker.connection_lost(T0 + 0.5)
@@ -164,7 +172,7 @@ def test_held_request_past_its_deadline_is_not_resent(builder):
 
 
 def test_held_request_answered_by_a_copy_that_survived_is_not_resent(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     rid, frames = _request(builder, 5.0)
     entry = tracker.sent(rid, frames, 5.0, T0)
     tracker.connection_lost(T0 + 0.1)
@@ -174,7 +182,7 @@ def test_held_request_answered_by_a_copy_that_survived_is_not_resent(builder):
 
 
 def test_discard_and_clear(builder):
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     (r1, f1), (r2, f2) = _request(builder), _request(builder)
     tracker.sent(r1, f1, 2.5, T0)
     e2 = tracker.sent(r2, f2, 2.5, T0)
@@ -187,8 +195,52 @@ def test_discard_and_clear(builder):
 
 def test_a_header_without_timeout_is_resent_as_it_was(builder):
     rid, frames = builder.request("mmi.models", {})
-    tracker = Tracker(retries=1)
+    tracker = _up(retries=1)
     entry = tracker.sent(rid, frames, 1.0, T0)
     tracker.connection_lost(T0)
     assert tracker.reconnected(T0 + 0.1) == [entry]
     assert protocol.parse_request(entry.frames).header == {}
+
+
+def test_requests_wait_in_the_tracker_until_the_first_connection(builder):
+    tracker = Tracker(retries=1)
+    assert not tracker.connected
+    rid, frames = _request(builder, 2.0)
+    entry = tracker.sent(rid, frames, 2.0, T0)
+    assert entry.held and entry.sends == 0  # the caller did not send it: no connection yet
+    assert tracker.next_timeout(T0) == pytest.approx(2.0)  # no grace: no broker has it
+    assert tracker.reconnected(T0 + 0.5) == [entry] and tracker.connected
+    assert entry.sends == 1 and entry.retries_left == 1  # waiting for a connection costs no retry
+    request = protocol.parse_request(entry.frames)
+    assert request.rid == rid and request.header["timeout_ms"] == 1500  # the broker counts from receipt
+    assert tracker.next_timeout(T0 + 0.5) == pytest.approx(1.5 + DEADLINE_GRACE)
+
+
+def test_a_request_that_never_found_a_broker_times_out_at_its_deadline(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 0.5)
+    entry = tracker.sent(rid, frames, 0.5, T0)
+    assert tracker.expired(T0 + 0.5) == [entry]
+    error = timeout_error(entry, ENDPOINT)
+    assert str(error) == f"no connection to {ENDPOINT} within 0.500s; is the pool running there?"
+    assert tracker.reconnected(T0 + 1) == []  # never sent late to a broker that comes up afterwards
+
+
+def test_requests_made_while_the_connection_is_down_wait_for_it(builder):
+    tracker = _up(retries=0)
+    (r1, f1), (r2, f2) = _request(builder, 5.0), _request(builder, 5.0)
+    e1 = tracker.sent(r1, f1, 5.0, T0)
+    assert tracker.connection_lost(T0 + 1) == ([], [e1])
+    assert not tracker.connected
+    e2 = tracker.sent(r2, f2, 5.0, T0 + 2)
+    assert e2.held and e2.sends == 0
+    assert tracker.reconnected(T0 + 3) == [e2]
+    assert e2.sends == 1 and protocol.parse_request(e2.frames).header["timeout_ms"] == 4000
+
+
+def test_a_request_sent_at_once_is_not_re_encoded(builder):
+    tracker = Tracker(retries=1)
+    rid, frames = _request(builder, 2.0)
+    entry = tracker.sent(rid, frames, 2.0, T0)
+    tracker.reconnected(T0 + 0.0001)
+    assert entry.frames is frames
