@@ -213,6 +213,7 @@ class AsyncClient:
             self._timer = None
         for entry in self._tracker.clear():
             _fail(entry.tag, reason())
+        self._tracker = Tracker(self.retries)  # the next socket starts unconnected
         for task in tasks:
             if task is not None and not task.done():
                 try:
@@ -240,7 +241,7 @@ class AsyncClient:
         sending = self._send(sock, frames) if self._tracker.connected else None
         entry = self._tracker.sent(rid, frames, self._wait(timeout), loop.time(), future)
         timer = self._timer
-        if timer is None or entry.give_up < timer.when():
+        if timer is None or entry.due < timer.when():
             self._arm()
         try:
             if sending is not None and not sending.done():  # the queue is full: wait for room, not past the deadline

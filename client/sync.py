@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 MAX_WINDOW = 1000  # libzmq's default send high-water mark: a larger window could block a send
 SUBMIT_WINDOW = 256  # requests the submit() I/O thread keeps in flight; the rest wait in its queue
 # A link whose monitor nobody has polled for this long (an idle thread's socket) reads the monitor's
-# queued events before it sends: a disconnect that happened while it was idle must not be taken, when
-# read later, for the loss of a request sent after it. Busy links are polled continuously and skip it.
+# queued events before it sends: after a disconnect that happened while it was idle, the request must
+# wait for the connection, not go into ZeroMQ's pipe and then be taken for lost (and sent twice) when
+# the disconnect is read. Busy links are polled continuously and skip it: no extra syscall per request.
 MONITOR_STALE = 0.01
 
 Outcome = tuple[Entry, Any]  # (request, Reply or the PoolError it ended with)

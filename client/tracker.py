@@ -59,6 +59,11 @@ class Entry:
         self.tag = tag  # what the caller wants back with the outcome: a Future, an index
         self.decode = decode
 
+    @property
+    def due(self) -> float:
+        """When the client stops waiting for it: its deadline while held (no broker has it), else give_up."""
+        return self.deadline if self.held else self.give_up
+
     def __repr__(self) -> str:
         return f"Entry(rid={self.rid.hex()}, sends={self.sends}, held={self.held})"
 
