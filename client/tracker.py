@@ -221,4 +221,5 @@ def lost_error(entry: Entry, endpoint: str) -> Unavailable:
     """What a request lost with its connection and not sent again raises."""
     times = "once" if entry.sends == 1 else f"{entry.sends} times"
     return Unavailable(f"the connection to the broker at {endpoint} was lost while the request was in flight "
-                       f"(sent {times}, no retries left); it may or may not have run")
+                       f"(sent {times}, no retries left); it may or may not have run (a broker also drops the "
+                       "connection of a client that sends a message over its max_message_bytes)")

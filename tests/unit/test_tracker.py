@@ -133,7 +133,8 @@ def test_lost_again_with_no_retries_left_fails_at_once(builder):
     error = lost_error(entry, ENDPOINT)
     assert isinstance(error, Unavailable)
     assert str(error) == (f"the connection to the broker at {ENDPOINT} was lost while the request was in flight "
-                          "(sent 2 times, no retries left); it may or may not have run")
+                          "(sent 2 times, no retries left); it may or may not have run (a broker also drops the "
+                          "connection of a client that sends a message over its max_message_bytes)")
 
 
 def test_retries_zero_fails_lost_requests_but_not_later_ones(builder):
