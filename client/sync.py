@@ -84,9 +84,14 @@ class _Link:
         self.sock, self.monitor = open_monitored(ctx, endpoint)
         self.tracker = Tracker(retries)
         self.abandoned = abandoned
-        self.items: list[tuple[Any, int]] = [(self.sock, zmq.POLLIN), (self.monitor, zmq.POLLIN)]
+        # The monitor is polled through its file descriptor and read to the end each time it is ready (as
+        # an event loop does with ZMQ_FD): as a socket in zmq_poll it would cost a ZMQ_EVENTS check, two
+        # syscalls, on every pass of every request.
+        self.monitor_fd: int = self.monitor.getsockopt(zmq.FD)
+        self.items: list[tuple[Any, int]] = [(self.sock, zmq.POLLIN), (self.monitor_fd, zmq.POLLIN)]
         self.done: list[Outcome] = []  # outcomes not handed out yet
-        self.watched = time.monotonic()  # when the monitor was last read
+        self.watched = 0.0  # when the monitor was last read
+        self.watch(time.monotonic())  # read to the end once: only then does its fd signal what comes next
 
     def send(self, rid: bytes, frames: list, timeout: float, now: float, tag: Any = None,
              decode: Callable[[protocol.Reply], Any] | None = None) -> Entry:
@@ -118,7 +123,7 @@ class _Link:
         for item, _ in ready:
             if item is self.sock:
                 data = True
-            elif item is self.monitor:
+            elif item == self.monitor_fd:
                 watch = True
         if data:  # before the monitor: a reply that made it is not resent
             self.receive()

@@ -25,7 +25,7 @@ from poolutil import Pool, process_alive, wait_until
 pytestmark = [pytest.mark.integration]
 
 SLOW = 1.5  # seconds a call of the "slow" model takes
-SLOWER = 3.0  # the model of the restart test: long enough to kill its broker with every request in flight
+SLOWER = 4.0  # the model of the restart test: long enough to kill its broker with every request in flight
 
 
 @dataclass
