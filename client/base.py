@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from modelpool.client import protocol
 from modelpool.client.errors import InvalidInput, ModelNotFound, PoolError, ProtocolError, RequestTimeout, Unavailable
@@ -36,7 +37,7 @@ class RequestBuilder:
 
     def inference(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
                   timeout: float | None) -> tuple[bytes, list]:
-        """(request-id, frames) of an inference request."""
+        """(request-id, frames) of an inference request, with ``timeout`` seconds as its ``timeout_ms``."""
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty dict of name -> array")
         try:
@@ -52,12 +53,13 @@ class RequestBuilder:
         header: dict[str, Any] = {"inputs": metas}
         if outputs:
             header["outputs"] = [{"name": name} for name in outputs]
+        return self.request(model, header, tensors, timeout)
+
+    def request(self, model: str, header: dict, tensors: Sequence[Any] = (),
+                timeout: float | None = None) -> tuple[bytes, list]:
+        """(request-id, frames) of any request; ``timeout`` (seconds) goes in the header as ``timeout_ms``."""
         if timeout is not None:
             header["timeout_ms"] = max(1, math.ceil(timeout * 1000))
-        return self.request(model, header, tensors)
-
-    def request(self, model: str, header: dict, tensors: Sequence[Any] = ()) -> tuple[bytes, list]:
-        """(request-id, frames) of any request."""
         rid = self.next_id()
         return rid, protocol.encode_request(model, rid, header, tensors)
 
@@ -272,17 +274,37 @@ class ReadyWait:
         return min(READY_POLL, max(0.0, self.deadline - now))
 
 
-# --- sockets and the Lazy Pirate budget -------------------------------------------------------
+# --- sockets -------------------------------------------------------------------------------
+
+# What a client's socket monitor reports: the connection dropped, and it is back (the ZMTP handshake
+# done, so that a request sent now reaches the new peer).
+UP_EVENT = zmq.EVENT_HANDSHAKE_SUCCEEDED if zmq.zmq_version_info() >= (4, 3) else zmq.EVENT_CONNECTED
+MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | UP_EVENT
+_monitor_ids = itertools.count(1)
 
 
-def open_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """A DEALER socket connected to a broker frontend, closing without linger."""
+def open_monitored(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """(DEALER connected to ``endpoint``, PAIR socket that receives its disconnect and reconnect events)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if endpoint.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
+    # An address of our own: pyzmq's default names it after the socket's fd, which a socket closed a
+    # moment ago may still hold.
+    monitor = sock.get_monitor_socket(MONITOR_EVENTS, f"inproc://modelpool-monitor-{os.getpid()}-{next(_monitor_ids)}")
+    monitor.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    return sock
+    return sock, monitor
+
+
+def connection_events(monitor: zmq.Socket) -> list[int]:
+    """The events waiting on a monitor socket (DISCONNECTED or ``UP_EVENT``), in order, without blocking."""
+    events = []
+    while True:
+        try:
+            events.append(recv_monitor_message(monitor, zmq.NOBLOCK)["event"])
+        except zmq.Again:
+            return events
 
 
 def check_settings(timeout: float, retries: int) -> None:
@@ -291,17 +313,6 @@ def check_settings(timeout: float, retries: int) -> None:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
-
-
-def attempt_timeout(wait: float, tries: int) -> float:
-    """Seconds one try may take when ``tries`` tries share a budget of ``wait`` seconds."""
-    return wait / max(1, tries)
-
-
-def timeout_error(wait: float, endpoint: str, tries: int) -> RequestTimeout:
-    """The RequestTimeout raised when no try of a request was answered."""
-    sent = f" (sent {tries} times, each resend on a fresh socket)" if tries > 1 else ""
-    return RequestTimeout(f"no reply within {wait:.3f}s from {endpoint}{sent}; is the pool running there?")
 
 
 # --- fork safety ----------------------------------------------------------------------------

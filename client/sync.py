@@ -7,12 +7,15 @@ Three ways to send, from the lowest latency to the highest throughput:
 - ``submit()`` / ``submit_infer()``: a ``concurrent.futures.Future`` per request, sent and collected by
   one lazily started background I/O thread with a socket of its own.
 
-Lazy Pirate (ZeroMQ guide, chapter 4): a socket that let a request time out is closed (linger 0) and
-replaced by a fresh one, and the request is sent again, ``retries`` times at most, the tries sharing the
-request's timeout equally. Only requests that are safe to run twice are resent: inference, metadata and
-``mmi.*`` queries all are. Requests still in flight on a replaced socket are resent at once on the new one
-(their replies would go to the closed socket). So a broker that restarted, or a request lost with a dead
-connection, costs one try's share of the timeout instead of a hang.
+Each socket is a ``_Link``: the socket, the monitor of its connection and a ``Tracker`` (``client/tracker.py``)
+of the requests in flight on it. A request's whole ``timeout`` goes to the broker once, as its
+``timeout_ms``; the client waits that plus ``DEADLINE_GRACE`` for the answer (the broker's 504 included),
+then raises RequestTimeout. A slow answer is never sent again and never costs the socket: a late reply
+is dropped by its request-id. The monitor socket is polled in the same ``zmq_poll`` as the socket
+itself. While the connection is down (before the first handshake too), requests wait in the tracker;
+when it drops, the requests in flight on it are sent again once ZeroMQ has reconnected (``retries``
+times at most, under the same request-id, with ``timeout_ms`` cut to what is left), and those with no
+retry left fail at once with Unavailable.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
+from zmq.backend import zmq_poll
 
 from modelpool.client import protocol
 from modelpool.client.base import (
@@ -35,139 +39,145 @@ from modelpool.client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    UP_EVENT,
     ModelSchema,
     ReadyWait,
     RequestBuilder,
     SchemaCache,
-    attempt_timeout,
     check_settings,
+    connection_events,
     header_or_raise,
     inherit,
-    open_dealer,
+    open_monitored,
     pick_outputs,
     single_output,
-    timeout_error,
     track_forks,
     wanted_outputs,
 )
-from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout
+from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout, Unavailable
+from modelpool.client.tracker import Entry, Tracker, lost_error, timeout_error
 from modelpool.client.transport import REPLY_TENSORS, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
 MAX_WINDOW = 1000  # libzmq's default send high-water mark: a larger window could block a send
 SUBMIT_WINDOW = 256  # requests the submit() I/O thread keeps in flight; the rest wait in its queue
+# A link whose monitor nobody has polled for this long (an idle thread's socket) reads the monitor's
+# queued events before it sends: after a disconnect that happened while it was idle, the request must
+# wait for the connection, not go into ZeroMQ's pipe and then be taken for lost (and sent twice) when
+# the disconnect is read. Busy links are polled continuously and skip it: no extra syscall per request.
+MONITOR_STALE = 0.01
+
+Outcome = tuple[Entry, Any]  # (request, Reply or the PoolError it ended with)
 
 
-class _Entry:
-    """One pipelined request: its frames, its timeout budget and where its outcome goes."""
+class _Link:
+    """One DEALER socket, the monitor of its connection and the tracker of the requests in flight on it.
 
-    __slots__ = ("tag", "frames", "wait", "attempt", "deadline", "retries_left", "tries", "ends", "decode")
+    Used by one thread at a time: a caller's thread (its round trips and ``predict_many``) or the
+    ``submit()`` I/O thread. ``abandoned(entry)`` tells it not to resend a request nobody waits for.
+    """
 
-    def __init__(self, tag: Any, frames: list, wait: float, retries: int,
-                 decode: Callable[[protocol.Reply], Any] | None = None) -> None:
-        self.tag = tag
-        self.frames = frames
-        self.wait = wait
-        self.attempt = attempt_timeout(wait, retries + 1)
-        self.deadline = math.inf  # set when it first goes on the wire
-        self.retries_left = retries
-        self.tries = 0
-        self.ends = math.inf
-        self.decode = decode
-
-
-class _Pipe:
-    """Requests in flight on one DEALER socket: send, match replies by request-id, expire, resend."""
-
-    def __init__(self, builder: RequestBuilder, endpoint: str, open_socket: Callable[[], zmq.Socket],
-                 drop_socket: Callable[[zmq.Socket], None]) -> None:
-        self.builder = builder
+    def __init__(self, ctx: zmq.Context, endpoint: str, retries: int,
+                 abandoned: Callable[[Entry], bool] | None = None) -> None:
         self.endpoint = endpoint
-        self.open_socket = open_socket
-        self.drop_socket = drop_socket
-        self.sock: zmq.Socket | None = None
-        self.pending: dict[bytes, _Entry] = {}
+        self.sock, self.monitor = open_monitored(ctx, endpoint)
+        self.tracker = Tracker(retries)
+        self.abandoned = abandoned
+        # The monitor is polled through its file descriptor and read to the end each time it is ready (as
+        # an event loop does with ZMQ_FD): as a socket in zmq_poll it would cost a ZMQ_EVENTS check, two
+        # syscalls, on every pass of every request.
+        self.monitor_fd: int = self.monitor.getsockopt(zmq.FD)
+        self.items: list[tuple[Any, int]] = [(self.sock, zmq.POLLIN), (self.monitor_fd, zmq.POLLIN)]
+        self.done: list[Outcome] = []  # outcomes not handed out yet
+        self.watched = 0.0  # when the monitor was last read
+        self.watch(time.monotonic())  # read to the end once: only then does its fd signal what comes next
 
-    def __len__(self) -> int:
-        return len(self.pending)
+    def send(self, rid: bytes, frames: list, timeout: float, now: float, tag: Any = None,
+             decode: Callable[[protocol.Reply], Any] | None = None) -> Entry:
+        """Put a request on the wire and track it; while the connection is down, it waits in the tracker."""
+        if now - self.watched > MONITOR_STALE:
+            self.watch(now)
+        if self.tracker.connected:
+            send_frames(self.sock, frames)
+        return self.tracker.sent(rid, frames, timeout, now, tag, decode)
 
-    def send(self, entry: _Entry, now: float) -> None:
-        """Put a request on the wire under a fresh request-id."""
-        if self.sock is None:
-            self.sock = self.open_socket()
-        if entry.tries == 0:
-            entry.deadline = now + entry.wait
-        rid = self.builder.next_id()
-        entry.frames[3] = rid
-        entry.tries += 1
-        entry.ends = min(now + entry.attempt, entry.deadline)
-        send_frames(self.sock, entry.frames)
-        self.pending[rid] = entry
+    def wait(self) -> list[Outcome]:
+        """Block until some requests are answered, fail or run out of time; [] when none is in flight."""
+        while not self.done:
+            timeout = self.tracker.next_timeout(time.monotonic())
+            if timeout is None:
+                return []
+            self.handle(zmq_poll(self.items, math.ceil(timeout * 1000)), time.monotonic())
+        done, self.done = self.done, []
+        return done
 
-    def timeout_ms(self, now: float) -> int | None:
-        """Milliseconds until the next try runs out, None when nothing is in flight."""
-        if not self.pending:
-            return None
-        ends = min(e.ends for e in self.pending.values())
-        return max(0, math.ceil((ends - now) * 1000))
+    def take(self) -> list[Outcome]:
+        """The outcomes gathered so far."""
+        done, self.done = self.done, []
+        return done
 
-    def wait(self) -> list[tuple[_Entry, Any]]:
-        """Block until some requests are answered or run out of time; (entry, Reply or error) for each."""
-        timeout = self.timeout_ms(time.monotonic())
-        if self.sock is not None and self.sock.poll(timeout, zmq.POLLIN):
-            done = self.receive()
-            if done:
-                return done
-        return self.expire(time.monotonic())
+    def handle(self, ready: list[tuple[Any, int]], now: float) -> None:
+        """Act on what ``zmq_poll`` found ready (other items of the poll are ignored), then on deadlines."""
+        data = watch = False
+        for item, _ in ready:
+            if item is self.sock:
+                data = True
+            elif item == self.monitor_fd:
+                watch = True
+        if data:  # before the monitor: a reply that made it is not resent
+            self.receive()
+        if watch:
+            self.watch(now)
+        else:
+            self.watched = now  # the poll looked at the monitor too: nothing was queued there
+        for entry in self.tracker.expired(now):
+            self.done.append((entry, timeout_error(entry, self.endpoint)))
 
-    def receive(self) -> list[tuple[_Entry, Any]]:
-        """Every reply waiting on the socket that answers a request in flight."""
-        done: list[tuple[_Entry, Any]] = []
-        while self.sock is not None:
+    def receive(self) -> None:
+        """Take the replies waiting on the socket; those answering a request in flight become outcomes."""
+        tracker, done = self.tracker, self.done
+        while True:
             try:
                 frames = recv_frames(self.sock, REPLY_TENSORS)
             except zmq.Again:
-                break
+                return
             try:
                 reply = protocol.parse_reply(frames)
             except ProtocolError as exc:
                 log.debug("dropped a malformed reply from %s: %s", self.endpoint, exc)
                 continue
-            entry = self.pending.pop(reply.rid, None)
+            entry = tracker.reply(reply.rid)
             if entry is not None:  # otherwise a late reply to a request given up on
                 done.append((entry, reply))
-        return done
+                if not tracker:  # nothing else in flight (a lone round trip): skip the empty read
+                    return
 
-    def expire(self, now: float) -> list[tuple[_Entry, Any]]:
-        """Time out tries that ran out; Lazy Pirate: replace the socket and resend what may be resent."""
-        late = [rid for rid, e in self.pending.items() if e.ends <= now]
-        if not late:
-            return []
-        failed: list[tuple[_Entry, Any]] = []
-        resend: list[_Entry] = []
-        for rid in late:
-            entry = self.pending.pop(rid)
-            if entry.retries_left > 0 and entry.deadline > now:
-                entry.retries_left -= 1
-                resend.append(entry)
-            else:
-                failed.append((entry, timeout_error(entry.wait, self.endpoint, entry.tries)))
-        resend.extend(self.pending.values())  # their replies would reach the socket about to be closed
-        self.pending.clear()
-        self.reset()
-        for entry in resend:
-            self.send(entry, now)
-        return failed
+    def watch(self, now: float) -> None:
+        """Read the monitor: on a lost connection hold or fail what was in flight; once back, resend."""
+        self.watched = now
+        for event in connection_events(self.monitor):
+            if event == zmq.EVENT_DISCONNECTED:
+                held, failed = self.tracker.connection_lost(now)
+                if held or failed:
+                    log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
+                                self.endpoint, len(held) + len(failed), len(held), len(failed))
+                self.done.extend((entry, lost_error(entry, self.endpoint)) for entry in failed)
+            elif event == UP_EVENT:
+                for entry in self.tracker.reconnected(now):
+                    if self.abandoned is not None and self.abandoned(entry):
+                        self.tracker.discard(entry.rid)
+                    else:
+                        send_frames(self.sock, entry.frames)
 
-    def reset(self) -> None:
-        """Close the socket (linger 0); the next send opens a fresh one."""
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            self.drop_socket(sock)
+    def close(self) -> None:
+        """Close the socket and its monitor (linger 0)."""
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
-def _settle(future: Future, entry: _Entry, outcome: Any) -> None:
+def _settle(entry: Entry, outcome: Any) -> None:
+    future: Future = entry.tag
     if future.cancelled():
         return
     try:
@@ -184,15 +194,25 @@ def _settle(future: Future, entry: _Entry, outcome: Any) -> None:
             pass
 
 
-class _Dispatcher:
-    """The submit() I/O thread: its own DEALER socket, a queue of requests in, futures completed by request-id."""
+class _Submitted:
+    """A submit() request waiting in the I/O thread's queue."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, builder: RequestBuilder, window: int = SUBMIT_WINDOW) -> None:
+    __slots__ = ("future", "rid", "frames", "timeout", "decode")
+
+    def __init__(self, future: Future, rid: bytes, frames: list, timeout: float,
+                 decode: Callable[[protocol.Reply], Any]) -> None:
+        self.future, self.rid, self.frames, self.timeout, self.decode = future, rid, frames, timeout, decode
+
+
+class _Dispatcher:
+    """The submit() I/O thread: its own link, a queue of requests in, futures completed by request-id."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, retries: int, window: int = SUBMIT_WINDOW) -> None:
         self._ctx = ctx
         self._endpoint = endpoint
-        self._builder = builder
+        self._retries = retries
         self._window = window
-        self._inbox: collections.deque[_Entry] = collections.deque()
+        self._inbox: collections.deque[_Submitted] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -205,9 +225,9 @@ class _Dispatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def put(self, entry: _Entry) -> None:
+    def put(self, item: _Submitted) -> None:
         """Queue a request; the I/O thread sends it (deque appends are thread-safe)."""
-        self._inbox.append(entry)
+        self._inbox.append(item)
         self._wake()
 
     def _wake(self) -> None:
@@ -247,48 +267,55 @@ class _Dispatcher:
             self._wake_r = self._wake_w = -1
 
     def _run(self) -> None:
-        pipe = _Pipe(self._builder, self._endpoint, lambda: open_dealer(self._ctx, self._endpoint),
-                     lambda sock: sock.close(linger=0))
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        polled: zmq.Socket | None = None
+        try:
+            link = _Link(self._ctx, self._endpoint, self._retries, abandoned=lambda entry: entry.tag.cancelled())
+        except zmq.ZMQError as exc:  # the context was closed meanwhile
+            self._fail([], PoolError(f"client I/O thread could not open its socket: {exc}"))
+            self._close_pipe()
+            return
+        items = [*link.items, (self._wake_r, zmq.POLLIN)]
         try:
             while not self._stopping:
-                self._admit(pipe)
-                if pipe.sock is not polled:
-                    if polled is not None:
-                        poller.unregister(polled)
-                    polled = pipe.sock
-                    if polled is not None:
-                        poller.register(polled, zmq.POLLIN)
-                events = dict(poller.poll(pipe.timeout_ms(time.monotonic())))
-                if self._wake_r in events:
+                self._admit(link)
+                timeout = 0 if link.done else link.tracker.next_timeout(time.monotonic())
+                ready = zmq_poll(items, -1 if timeout is None else math.ceil(timeout * 1000))
+                if any(item == self._wake_r for item, _ in ready):
                     self._drain_wake()
-                done = pipe.receive() if polled is not None and polled in events else []
-                done += pipe.expire(time.monotonic())
-                for entry, outcome in done:
-                    _settle(entry.tag, entry, outcome)
+                link.handle(ready, time.monotonic())
+                for entry, outcome in link.take():
+                    _settle(entry, outcome)
         except Exception as exc:  # a bug or a dead context: fail every waiter instead of leaving it hanging
             log.exception("modelpool client I/O thread failed")
-            for entry in [*pipe.pending.values(), *self._inbox]:
-                _settle(entry.tag, entry, PoolError(f"client I/O thread failed: {exc}"))
-            pipe.pending.clear()
-            self._inbox.clear()
+            self._fail(link.tracker.clear(), PoolError(f"client I/O thread failed: {exc}"))
         finally:
-            for entry in [*pipe.pending.values(), *self._inbox]:
+            for entry in link.tracker.clear():
                 entry.tag.cancel()
-            pipe.reset()
+            for item in self._inbox:
+                item.future.cancel()
+            self._inbox.clear()
+            link.close()
             self._close_pipe()
 
-    def _admit(self, pipe: _Pipe) -> None:
+    def _fail(self, entries: list[Entry], error: PoolError) -> None:
+        for entry in entries:
+            _settle(entry, error)
+        while self._inbox:
+            future = self._inbox.popleft().future
+            if not future.cancelled():
+                try:
+                    future.set_exception(error)
+                except InvalidStateError:
+                    pass
+
+    def _admit(self, link: _Link) -> None:
         now = time.monotonic()
-        while len(pipe) < self._window:
+        while len(link.tracker) < self._window:
             try:
-                entry = self._inbox.popleft()
+                item = self._inbox.popleft()
             except IndexError:
                 return
-            if not entry.tag.cancelled():
-                pipe.send(entry, now)
+            if not item.future.cancelled():
+                link.send(item.rid, item.frames, item.timeout, now, item.future, item.decode)
 
     def _drain_wake(self) -> None:
         try:
@@ -301,10 +328,11 @@ class _Dispatcher:
 class Client:
     """Talks to a modelpool broker; safe to share between threads and across ``os.fork()``.
 
-    ``timeout`` (seconds) bounds each request, resends included; ``retries`` is how many times a request
-    that got no answer is sent again on a fresh socket (Lazy Pirate, see the module docstring). A child
-    process forked from one that holds a Client gets a fresh zmq context and sockets on first use, and
-    the parent keeps its own.
+    ``timeout`` (seconds) is each request's whole budget: sent to the broker as its deadline, and
+    waited for plus ``DEADLINE_GRACE``. ``retries`` is how many times a request is sent again after the
+    connection to the broker was lost with it in flight (never after a mere timeout; see the module
+    docstring). A child process forked from one that holds a Client gets a fresh zmq context and
+    sockets on first use, and the parent keeps its own.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT,
@@ -324,7 +352,7 @@ class Client:
         self._lock = threading.Lock()
         self._ctx: zmq.Context | None = None
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._links: list[_Link] = []
         self._dispatcher: _Dispatcher | None = None
 
     def _after_fork(self) -> None:
@@ -332,7 +360,7 @@ class Client:
         # afresh and never close them (the lock may even have been held by a thread that is not here).
         if self._dispatcher is not None:
             self._dispatcher.forget()
-        inherit(self._ctx, self._sockets, self._local, self._dispatcher)
+        inherit(self._ctx, self._links, self._local, self._dispatcher)
         self._start_fresh()
 
     def _context(self) -> zmq.Context:
@@ -348,66 +376,43 @@ class Client:
                 ctx = self._ctx
         return ctx
 
-    def _socket(self) -> zmq.Socket:
+    def _link(self) -> _Link:
+        """The calling thread's socket and the requests in flight on it."""
         if self._pid != os.getpid():
             self._after_fork()
-        sock = getattr(self._local, "socket", None)
-        if sock is None:
-            sock = open_dealer(self._context(), self.endpoint)
-            self._local.socket = sock
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = _Link(self._context(), self.endpoint, self.retries)
+            self._local.link = link
             with self._lock:
-                self._sockets.append(sock)
-        return sock
-
-    def _discard_socket(self) -> None:
-        sock = getattr(self._local, "socket", None)
-        if sock is not None:
-            self._local.socket = None
-            with self._lock:
-                if sock in self._sockets:
-                    self._sockets.remove(sock)
-            sock.close(linger=0)
+                self._links.append(link)
+        return link
 
     # --- round trips ---------------------------------------------------------------------
 
     def _roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
-        wait = self.timeout if timeout is None else timeout
-        tries = self.retries + 1
-        attempt = attempt_timeout(wait, tries)
-        deadline = time.monotonic() + wait
-        for n in range(tries):
-            sock = self._socket()
-            if n:
-                rid = self._builder.next_id()
-                frames = [*frames[:3], rid, *frames[4:]]
-            send_frames(sock, frames)
-            reply = self._await_reply(sock, rid, min(time.monotonic() + attempt, deadline))
-            if reply is not None:
-                return reply
-            # Lazy Pirate: a socket that lost a request is not trusted again
-            self._discard_socket()
-            if time.monotonic() >= deadline:
-                tries = n + 1
-                break
-        raise timeout_error(wait, self.endpoint, tries)
+        link = self._link()
+        entry = link.send(rid, frames, self._wait(timeout), time.monotonic())
+        others: list[Outcome] = []
+        try:
+            while True:
+                outcomes = link.wait()
+                if not outcomes:  # nothing in flight: our request cannot be; never spin on it
+                    raise PoolError(f"request {rid.hex()} was dropped by the client's tracker")
+                for done, outcome in outcomes:
+                    if done is not entry:
+                        others.append((done, outcome))
+                    elif isinstance(outcome, PoolError):
+                        raise outcome
+                    else:
+                        return outcome
+        finally:
+            link.tracker.discard(rid)  # interrupted: nobody waits for it any more
+            link.done.extend(others)  # a predict_many this call runs inside (from its iterable) takes them
 
-    def _await_reply(self, sock: zmq.Socket, rid: bytes, until: float) -> protocol.Reply | None:
-        while True:
-            left = until - time.monotonic()
-            if left <= 0 or not sock.poll(math.ceil(left * 1000), zmq.POLLIN):
-                return None
-            try:
-                reply = protocol.parse_reply(recv_frames(sock, REPLY_TENSORS, block=True))
-            except ProtocolError:
-                continue  # not a reply we could have asked for; keep waiting for ours
-            if reply.rid == rid:
-                return reply
-            # a late reply to an abandoned request: drop it
-
-    def _wait(self, timeout: float | None) -> tuple[float, float]:
-        """(whole budget, one try's share) of a request's timeout."""
-        wait = self.timeout if timeout is None else timeout
-        return wait, attempt_timeout(wait, self.retries + 1)
+    def _wait(self, timeout: float | None) -> float:
+        """A request's budget in seconds: the call's ``timeout``, or the client's."""
+        return self.timeout if timeout is None else timeout
 
     def _schema(self, model: str, timeout: float) -> ModelSchema:
         """The model's input names and dtypes, fetched once (one metadata round trip) and cached."""
@@ -421,9 +426,9 @@ class Client:
         ``outputs`` may name intermediate layers. float64/int64 arrays and lists are converted to the
         model's dtypes when no value changes (see ``ModelSchema``); results are read-only arrays.
         """
-        wait, attempt = self._wait(timeout)
+        wait = self._wait(timeout)
         inputs = self._schema(model, wait).conform(inputs)
-        rid, frames = self._builder.inference(model, inputs, outputs, attempt)
+        rid, frames = self._builder.inference(model, inputs, outputs, wait)
         return self._schemas.outputs(model, self._roundtrip(rid, frames, wait))
 
     def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
@@ -438,24 +443,29 @@ class Client:
 
     def metadata(self, model: str, *, timeout: float | None = None) -> dict:
         """Inputs and outputs (names, datatypes, shapes) of a model."""
-        rid, frames = self._builder.request(model, {"op": "metadata"})
-        return header_or_raise(self._roundtrip(rid, frames, timeout))
+        wait = self._wait(timeout)
+        rid, frames = self._builder.request(model, {"op": "metadata"}, timeout=wait)
+        return header_or_raise(self._roundtrip(rid, frames, wait))
 
     def models(self, *, timeout: float | None = None, detail: bool = False) -> list[dict]:
         """Models served, with versions, replicas, queue depths and counters; ``detail`` adds worker
         ids and pids where the pool allows it (``mmi_detail`` in its config)."""
-        rid, frames = self._builder.request(protocol.MMI_MODELS.decode(), {"detail": True} if detail else {})
-        return header_or_raise(self._roundtrip(rid, frames, timeout))["models"]
+        wait = self._wait(timeout)
+        rid, frames = self._builder.request(protocol.MMI_MODELS.decode(), {"detail": True} if detail else {},
+                                            timeout=wait)
+        return header_or_raise(self._roundtrip(rid, frames, wait))["models"]
 
     def health(self, *, timeout: float | None = None) -> dict:
         """Liveness and readiness of the pool."""
-        rid, frames = self._builder.request(protocol.MMI_HEALTH.decode(), {})
-        return header_or_raise(self._roundtrip(rid, frames, timeout))
+        wait = self._wait(timeout)
+        rid, frames = self._builder.request(protocol.MMI_HEALTH.decode(), {}, timeout=wait)
+        return header_or_raise(self._roundtrip(rid, frames, wait))
 
     def has_model(self, model: str, *, timeout: float | None = None) -> bool:
         """8/MMI service lookup: is a model of that name served?"""
-        rid, frames = self._builder.request(protocol.MMI_SERVICE.decode(), {"name": model})
-        return self._roundtrip(rid, frames, timeout).status == protocol.OK
+        wait = self._wait(timeout)
+        rid, frames = self._builder.request(protocol.MMI_SERVICE.decode(), {"name": model}, timeout=wait)
+        return self._roundtrip(rid, frames, wait).status == protocol.OK
 
     def wait_ready(self, models: Sequence[str] | None = None, *, all_replicas: bool = True,
                    timeout: float = 120.0) -> list[dict]:
@@ -470,7 +480,7 @@ class Client:
             timeout = wait.next_try(time.monotonic())  # raises once the wait is over: outside the try below
             try:
                 served = self.models(timeout=timeout)
-            except RequestTimeout as exc:  # not answering yet: the pool may still be starting
+            except (RequestTimeout, Unavailable) as exc:  # not answering yet: the pool may be (re)starting
                 wait.last = exc
                 continue
             if wait.ready(served):
@@ -488,39 +498,52 @@ class Client:
         """
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be an integer from 1 to {MAX_WINDOW}, got {window!r}")
-        wait, attempt = self._wait(timeout)
+        wait = self._wait(timeout)
         schema = self._schema(model, wait)
-        pipe = _Pipe(self._builder, self.endpoint, self._socket, lambda sock: self._discard_socket())
+        link = self._link()
+        mine: set[bytes] = set()  # this call's requests in flight (a nested call may share the link)
+        others: list[Outcome] = []
         results: list = []
         items = iter(xs)
         more = True
-        while True:
-            while more and len(pipe) < window:
-                try:
-                    x = next(items)
-                except StopIteration:
-                    more = False
-                    break
-                results.append(None)
-                try:
-                    _, frames = self._builder.inference(model, schema.conform(x), None, attempt)
-                except PoolError as exc:
-                    if not return_exceptions:
-                        raise
-                    results[-1] = exc
-                    continue
-                pipe.send(_Entry(len(results) - 1, frames, wait, self.retries), time.monotonic())
-            if not pipe.pending:
-                return results
-            for entry, outcome in pipe.wait():
-                try:
-                    if isinstance(outcome, PoolError):
-                        raise outcome
-                    results[entry.tag] = single_output(self._schemas.outputs(model, outcome), model)
-                except PoolError as exc:
-                    if not return_exceptions:
-                        raise
-                    results[entry.tag] = exc
+        try:
+            while True:
+                while more and len(mine) < window:
+                    try:
+                        x = next(items)
+                    except StopIteration:
+                        more = False
+                        break
+                    results.append(None)
+                    try:
+                        rid, frames = self._builder.inference(model, schema.conform(x), None, wait)
+                    except PoolError as exc:
+                        if not return_exceptions:
+                            raise
+                        results[-1] = exc
+                        continue
+                    link.send(rid, frames, wait, time.monotonic(), len(results) - 1)
+                    mine.add(rid)
+                if not mine:
+                    return results
+                done = link.wait()
+                others += [(entry, outcome) for entry, outcome in done if entry.rid not in mine]
+                for entry, outcome in done:
+                    if entry.rid not in mine:
+                        continue
+                    mine.discard(entry.rid)
+                    try:
+                        if isinstance(outcome, PoolError):
+                            raise outcome
+                        results[entry.tag] = single_output(self._schemas.outputs(model, outcome), model)
+                    except PoolError as exc:
+                        if not return_exceptions:
+                            raise
+                        results[entry.tag] = exc
+        finally:
+            for rid in mine:  # abandoned after an error: their replies will be dropped
+                link.tracker.discard(rid)
+            link.done.extend(others)
 
     def submit(self, model: str, x: Any, *, timeout: float | None = None) -> Future:
         """``predict`` without waiting: a Future of the output array (or of the typed error).
@@ -540,13 +563,13 @@ class Client:
     def _submit(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None,
                 timeout: float | None, decode: Callable[[protocol.Reply], Any]) -> Future:
         future: Future = Future()
-        wait, attempt = self._wait(timeout)
+        wait = self._wait(timeout)
         try:
-            _, frames = self._builder.inference(model, self._schema(model, wait).conform(inputs), outputs, attempt)
+            rid, frames = self._builder.inference(model, self._schema(model, wait).conform(inputs), outputs, wait)
         except PoolError as exc:
             future.set_exception(exc)
             return future
-        self._io().put(_Entry(future, frames, wait, self.retries, decode))
+        self._io().put(_Submitted(future, rid, frames, wait, decode))
         return future
 
     def _io(self) -> _Dispatcher:
@@ -557,7 +580,7 @@ class Client:
                 if self._closed:
                     raise RuntimeError("client is closed")
                 if self._dispatcher is None or not self._dispatcher.alive:
-                    self._dispatcher = _Dispatcher(ctx, self.endpoint, self._builder)
+                    self._dispatcher = _Dispatcher(ctx, self.endpoint, self.retries)
                     # a client dropped without close() must not leave its thread behind
                     weakref.finalize(self, self._dispatcher.request_stop)
                 dispatcher = self._dispatcher
@@ -574,9 +597,9 @@ class Client:
             dispatcher, self._dispatcher = self._dispatcher, None
         stopped = dispatcher.stop() if dispatcher is not None else True
         with self._lock:
-            for sock in self._sockets:
-                sock.close(linger=0)
-            self._sockets.clear()
+            for link in self._links:
+                link.close()
+            self._links.clear()
             ctx, self._ctx = self._ctx, None
         if ctx is not None and stopped:
             ctx.term()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 
@@ -33,6 +34,24 @@ def _sleep(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _count_and_sleep(x: np.ndarray, seconds: float, counter: str) -> np.ndarray:
+    # One line per row (its first feature) each time the model runs, written before the sleep so that a
+    # run cut short (its worker killed) is counted too.
+    with open(counter, "a") as f:
+        f.write("".join(f"{value:g}\n" for value in x[:, 0]))
+    time.sleep(seconds)
+    return x
+
+
+def counted_runs(counter: str, marker: float) -> int:
+    """How many times the model logging to ``counter`` has run a row whose first feature is ``marker``."""
+    try:
+        with open(counter) as f:
+            return sum(1 for line in f if line.strip() == f"{marker:g}")
+    except FileNotFoundError:
+        return 0
+
+
 @keras.saving.register_keras_serializable(package="modelpool_tests")
 class Poison(keras.layers.Layer):
     """Identity, except for the magic rows above."""
@@ -51,6 +70,25 @@ class Sleep(keras.layers.Layer):
         y = tf.numpy_function(_sleep, [x], x.dtype, stateful=True)
         y.set_shape(x.shape)
         return y
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class SlowCounted(keras.layers.Layer):
+    """Identity that takes ``seconds`` per call and logs each row's first feature to the file ``counter``."""
+
+    def __init__(self, seconds: float = 1.5, counter: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.seconds = seconds
+        self.counter = counter
+
+    def call(self, x):
+        run = functools.partial(_count_and_sleep, seconds=self.seconds, counter=self.counter)
+        y = tf.numpy_function(run, [x], x.dtype, stateful=True)
+        y.set_shape(x.shape)
+        return y
+
+    def get_config(self):
+        return {**super().get_config(), "seconds": self.seconds, "counter": self.counter}
 
 
 @keras.saving.register_keras_serializable(package="modelpool_tests")

@@ -1,4 +1,4 @@
-"""The Python clients end to end: AsyncClient, pipelining, fork safety, Lazy Pirate recovery, the CLI."""
+"""The Python clients end to end: AsyncClient, pipelining, fork safety, deadlines and lost connections, the CLI."""
 from __future__ import annotations
 
 import asyncio
@@ -16,9 +16,19 @@ import numpy as np
 import pytest
 import zmq
 
-from modelpool.client import AsyncClient, Client, InvalidInput, ModelNotFound, NotSupported, RequestTimeout, protocol
+from modelpool.client import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    ModelNotFound,
+    NotSupported,
+    RequestTimeout,
+    Unavailable,
+    protocol,
+)
 from modelpool.client.base import header_or_raise
-from poolutil import Pool
+from modelpool.client.tracker import DEADLINE_GRACE
+from poolutil import Pool, wait_until
 from modelpool import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -129,10 +139,10 @@ def test_async_timeout_and_closed_client(tmp_path):
     async def run():
         client = AsyncClient(nobody, timeout=0.4, retries=1)
         started = time.monotonic()
-        with pytest.raises(RequestTimeout, match="sent 2 times"):
+        with pytest.raises(RequestTimeout, match="^no connection to ipc://.* within 0.400s; is the pool running"):
             await client.predict("a", np.ones((1, 8), "float32"))
         elapsed = time.monotonic() - started
-        assert 0.35 < elapsed < 3.0
+        assert 0.35 < elapsed < 0.4 + DEADLINE_GRACE  # no broker could answer 504: no grace to wait
         assert not client._pending
         await client.close()
         with pytest.raises(RuntimeError, match="closed"):
@@ -329,18 +339,23 @@ def test_client_in_multiprocessing_fork_pool(pool, models):
         _FORK_POOL_CLIENT = None
 
 
-# --- Lazy Pirate -----------------------------------------------------------------------------------
+# --- deadlines and lost connections (no TensorFlow: a fake broker) ----------------------------------
 
 
 class FakeBroker:
-    """A ROUTER that swallows the requests numbered in ``drop`` and answers the others with their input."""
+    """A ROUTER that answers each request with its input after ``delay`` seconds, or never (``hold``).
+
+    ``seen`` lists (client identity, request-id, header) in arrival order; metadata requests (one per
+    model and client, to convert inputs) are answered at once and not listed.
+    """
 
     METADATA = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}]}
 
-    def __init__(self, endpoint: str, drop: set[int]) -> None:
-        self.drop = drop
-        self.seen: list[tuple[bytes, bytes]] = []  # (client identity, request-id) in arrival order
+    def __init__(self, endpoint: str, *, delay: float = 0.0, hold: bool = False) -> None:
+        self.delay = delay
+        self.hold = hold
+        self.seen: list[tuple[bytes, bytes, dict]] = []
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -350,71 +365,217 @@ class FakeBroker:
         self.thread.start()
 
     def _run(self) -> None:
+        due: list[tuple[float, list]] = []
         while not self.stopping:
-            if not self.sock.poll(50):
+            while due and due[0][0] <= time.monotonic():
+                self.sock.send_multipart(due.pop(0)[1])
+            if not self.sock.poll(10):
                 continue
             identity, *frames = self.sock.recv_multipart()
             request = protocol.parse_request(frames)
-            if request.header.get("op") == "metadata":  # the clients ask once per model, to convert inputs
+            if request.header.get("op") == "metadata":
                 self.sock.send_multipart([identity, b"", *protocol.encode_reply(
                     request.model, request.rid, protocol.OK, self.METADATA)])
                 continue
-            self.seen.append((identity, request.rid))
-            if len(self.seen) in self.drop:
+            self.seen.append((identity, request.rid, request.header))
+            if self.hold:
                 continue
-            meta = dict(request.header["inputs"][0], name="y")
-            header = {"model_name": request.model.decode(), "model_version": "1", "outputs": [meta]}
-            self.sock.send_multipart([identity, b"", *protocol.encode_reply(
-                request.model, request.rid, protocol.OK, header, request.tensors)])
+            header = {}
+            if "inputs" in request.header:
+                meta = dict(request.header["inputs"][0], name="y")
+                header = {"model_name": request.model.decode(), "model_version": "1", "outputs": [meta]}
+            due.append((time.monotonic() + self.delay, [identity, b"", *protocol.encode_reply(
+                request.model, request.rid, protocol.OK, header, request.tensors)]))
+
+    def rids(self) -> list[bytes]:
+        return [rid for _, rid, _ in self.seen]
 
     def close(self) -> None:
+        """Close the socket: every connected client sees its connection drop."""
         self.stopping = True
         self.thread.join(5)
         self.sock.close(linger=0)
         self.ctx.term()
 
 
-def test_lazy_pirate_resends_a_lost_request_on_a_fresh_socket(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_slow_answer_within_the_timeout_is_waited_for_and_sent_once(tmp_path):
+    """The whole timeout goes to the broker as timeout_ms and the client waits for it: no try splits it."""
     endpoint = f"ipc://{tmp_path}/fake.ipc"
     x = np.arange(8, dtype="float32").reshape(1, 8)
-    fake = FakeBroker(endpoint, drop={1})
+    fake = FakeBroker(endpoint, delay=0.8)
     try:
-        with Client(endpoint, timeout=3.0, retries=1) as client:
-            started = time.monotonic()
+        with Client(endpoint, timeout=1.0, retries=1) as client:
             np.testing.assert_array_equal(client.predict("m", x), x)
-            assert 1.4 < time.monotonic() - started < 3.0  # the first try's share of the timeout, then the resend
-            (first_id, first_rid), (second_id, second_rid) = fake.seen
-            assert first_id != second_id, "the resend goes out on a fresh socket"
-            assert first_rid != second_rid
-            np.testing.assert_array_equal(client.predict("m", x + 1), x + 1)
-
-            fake.drop = {4}  # one of a pipelined window is lost: only that one waits and is resent
-            xs = [x + i for i in range(10)]
-            got = client.predict_many("m", xs, window=4)
-            for g, want in zip(got, xs):
-                np.testing.assert_array_equal(g, want)
-            fake.drop = {len(fake.seen) + 2}
-            got = [f.result(10) for f in [client.submit("m", xi) for xi in xs]]
-            for g, want in zip(got, xs):
-                np.testing.assert_array_equal(g, want)
-
-        fake.drop = {len(fake.seen) + 1}
-        with Client(endpoint, timeout=0.5, retries=0) as client:  # no retries: the loss is reported
-            with pytest.raises(RequestTimeout, match="no reply within 0.500s"):
-                client.predict("m", x)
-            np.testing.assert_array_equal(client.predict("m", x), x)  # next request, fresh socket
+            np.testing.assert_array_equal(client.submit("m", x + 1).result(10), x + 1)
+            got = client.predict_many("m", [x + i for i in range(4)], window=4)
+            assert all(np.array_equal(g, x + i) for i, g in enumerate(got))
 
         async def run():
-            fake.drop = {len(fake.seen) + 1}
-            async with AsyncClient(endpoint, timeout=3.0, retries=1) as aclient:
-                got = await asyncio.gather(*(aclient.predict("m", x + i) for i in range(5)))
-                for i, g in enumerate(got):
-                    np.testing.assert_array_equal(g, x + i)
-                assert len({identity for identity, _ in fake.seen[-6:]}) == 2
+            async with AsyncClient(endpoint, timeout=1.0, retries=1) as aclient:
+                return await aclient.predict("m", x + 2)
 
-        asyncio.run(run())
+        np.testing.assert_array_equal(asyncio.run(run()), x + 2)
+        assert len(fake.seen) == 7 and len(set(fake.rids())) == 7, "each request went out once"
+        assert {header["timeout_ms"] for _, _, header in fake.seen} == {1000}
     finally:
         fake.close()
+
+
+def test_a_request_nobody_answers_times_out_after_grace_and_is_not_resent(tmp_path):
+    endpoint = f"ipc://{tmp_path}/fake.ipc"
+    x = np.arange(8, dtype="float32").reshape(1, 8)
+    fake = FakeBroker(endpoint, hold=True)
+    try:
+        with Client(endpoint, timeout=0.5, retries=3) as client:
+            started = time.monotonic()
+            with pytest.raises(RequestTimeout, match="^no reply within 0.500s from ipc://.*; is the pool running"):
+                client.predict("m", x)
+            elapsed = time.monotonic() - started
+            assert 0.5 + DEADLINE_GRACE - 0.05 < elapsed < 0.5 + DEADLINE_GRACE + 1.0
+            with pytest.raises(RequestTimeout):
+                client.submit("m", x).result(10)
+            out = client.predict_many("m", [x, x], return_exceptions=True)
+            assert all(isinstance(o, RequestTimeout) for o in out)
+            assert len(fake.seen) == 4, "a slow answer is never a reason to send again"
+            assert len({identity for identity, _, _ in fake.seen[:1] + fake.seen[2:]}) == 1, \
+                "the calling thread keeps its socket after a timeout"
+            fake.hold = False
+            np.testing.assert_array_equal(client.predict("m", x + 1), x + 1)  # the same socket still works
+            assert fake.seen[-1][0] == fake.seen[0][0]
+
+        async def run():
+            fake.hold = True
+            async with AsyncClient(endpoint, timeout=0.5, retries=3) as aclient:
+                with pytest.raises(RequestTimeout, match="no reply within 0.500s"):
+                    await aclient.predict("m", x)
+                assert not aclient._pending
+
+        before = len(fake.seen)
+        asyncio.run(run())
+        assert len(fake.seen) == before + 1
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_requests_lost_with_the_connection_are_resent_once_with_same_rid(tmp_path, transport):
+    """The broker vanishes with requests in flight and comes back: each of them is sent again exactly once."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else f"ipc://{tmp_path}/fake.ipc"
+    xs = [np.full((1, 8), i, "float32") for i in range(12)]
+    first = FakeBroker(endpoint, hold=True)
+    second = None
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    client = Client(endpoint, timeout=20, retries=1)
+    aclient = AsyncClient(endpoint, timeout=20, retries=1)
+    try:
+        submitted = [client.submit("m", x) for x in xs[:4]]
+        threads_out: dict[int, object] = {}
+
+        def call(k):
+            try:
+                threads_out[k] = client.predict("m", xs[k]) if k == 4 else client.predict_many("m", xs[5:8], window=3)
+            except Exception as exc:  # reported below
+                threads_out[k] = exc
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in (4, 5)]
+        for t in threads:
+            t.start()
+        awaited = [asyncio.run_coroutine_threadsafe(aclient.predict("m", x), loop) for x in xs[8:]]
+        wait_until(lambda: len(first.seen) == 12, 20.0, what="every request reached the first broker")
+        lost = first.rids()
+        assert len(set(lost)) == 12
+        sent_at = {rid: header["timeout_ms"] for _, rid, header in first.seen}
+        first.close()
+        time.sleep(0.5)  # the clients see the connection drop; nothing is resent while nobody listens
+        second = FakeBroker(endpoint)
+        for i, f in enumerate(submitted):
+            np.testing.assert_array_equal(f.result(20), xs[i])
+        for t in threads:
+            t.join(20)
+        np.testing.assert_array_equal(threads_out[4], xs[4])
+        for i, g in enumerate(threads_out[5]):
+            np.testing.assert_array_equal(g, xs[5 + i])
+        for i, f in enumerate(awaited):
+            np.testing.assert_array_equal(f.result(20), xs[8 + i])
+        assert sorted(second.rids()) == sorted(lost), "each lost request was sent again once, with its request-id"
+        for _, rid, header in second.seen:
+            assert 0 < header["timeout_ms"] < sent_at[rid], "a resend carries what is left of the budget"
+        # later requests go out once, on the same sockets
+        np.testing.assert_array_equal(client.predict("m", xs[0]), xs[0])
+        np.testing.assert_array_equal(client.submit("m", xs[1]).result(20), xs[1])
+        np.testing.assert_array_equal(asyncio.run_coroutine_threadsafe(aclient.predict("m", xs[2]), loop).result(20),
+                                      xs[2])
+        assert len(second.seen) == 15
+    finally:
+        client.close()
+        asyncio.run_coroutine_threadsafe(_aclose(aclient), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
+        for fake in (first, second):
+            if fake is not None and not fake.stopping:
+                fake.close()
+
+
+def test_requests_to_a_pool_that_is_not_there_neither_pile_up_nor_reach_it_later(tmp_path):
+    """Requests wait for a connection in the client, not in ZeroMQ's queue: past its 1000-message limit a
+    send would block for good, and the requests that timed out would all reach the pool when it came up."""
+    endpoint = f"ipc://{tmp_path}/later.ipc"
+    x = np.arange(8, dtype="float32").reshape(1, 8)
+    with Client(endpoint, timeout=0.001) as client:
+        for _ in range(1100):
+            with pytest.raises(RequestTimeout, match="^no connection to"):
+                client.health()
+
+        async def run():
+            async with AsyncClient(endpoint, timeout=0.2) as aclient:
+                out = await asyncio.gather(*(aclient.health() for _ in range(1100)), return_exceptions=True)
+                assert all(isinstance(o, RequestTimeout) for o in out)
+                fake = FakeBroker(endpoint)
+                try:
+                    np.testing.assert_array_equal(await aclient.predict("m", x, timeout=10), x)
+                    return fake.seen
+                finally:
+                    fake.close()
+
+        seen = asyncio.run(run())
+        assert len(seen) == 1, "only the request made once the pool was there reached it"
+        fake = FakeBroker(endpoint)
+        try:
+            np.testing.assert_array_equal(client.predict("m", x, timeout=10), x)
+            assert len(fake.seen) == 1
+        finally:
+            fake.close()
+
+
+def test_a_lost_request_with_no_retries_left_fails_at_once(tmp_path):
+    endpoint = f"ipc://{tmp_path}/fake.ipc"
+    x = np.arange(8, dtype="float32").reshape(1, 8)
+    fake = FakeBroker(endpoint, hold=True)
+    client = Client(endpoint, timeout=30, retries=0)
+    try:
+        future = client.submit("m", x)
+        wait_until(lambda: len(fake.seen) == 1, 10.0, what="the request reached the broker")
+        started = time.monotonic()
+        fake.close()
+        with pytest.raises(Unavailable, match="connection to the broker at ipc://.* was lost while the request was "
+                                              "in flight \\(sent once, no retries left\\)"):
+            future.result(10)
+        assert time.monotonic() - started < 5, "the loss is reported at once, not at the deadline"
+    finally:
+        client.close()
+        if not fake.stopping:
+            fake.close()
 
 
 def test_clients_recover_after_the_broker_restarts(models):
