@@ -111,7 +111,7 @@ def test_async_errors_are_typed_and_management_calls_work(pool, models):
                 await client.predict("nope", np.ones((1, 8), "float32"))
             with pytest.raises(InvalidInput, match="got \\[2, 5\\]"):
                 await client.predict("a", np.ones((2, 5), "float32"))
-            with pytest.raises(InvalidInput, match="unknown output 'nope'"):
+            with pytest.raises(InvalidInput, match='unknown output "nope"'):
                 await client.infer("a", {"x": np.ones((1, 8), "float32")}, outputs=["nope"])
             rid, frames = client._builder.request("mmi.nothing", {})
             with pytest.raises(NotSupported):
