@@ -527,6 +527,8 @@ class Client:
                 if not mine:
                     return results
                 done = link.wait()
+                if not done:  # nothing in flight: ours cannot be; never spin on them
+                    raise PoolError(f"{len(mine)} requests were dropped by the client's tracker")
                 others += [(entry, outcome) for entry, outcome in done if entry.rid not in mine]
                 for entry, outcome in done:
                     if entry.rid not in mine:
