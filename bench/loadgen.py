@@ -16,7 +16,8 @@ import numpy as np
 import zmq
 
 from modelpool.client import AsyncClient, Client, protocol
-from modelpool.client.transport import REPLY_TENSORS, recv_frames, send_frames
+from modelpool.client.protocol import REPLY_TENSORS
+from modelpool.client.transport import recv_frames, send_frames
 
 from bench.measure import STALL_SECONDS, Window, perf
 

@@ -34,7 +34,7 @@ from modelpool.client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from modelpool.client.protocol import CLIENT, BatchItem, ReplyItem, describe, quote
+from modelpool.client.protocol import BatchItem, ReplyItem, describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class PoolState:
             self._reply_error(client, model, rid, exc)
             return
         if key is None:  # metadata, answered from the READY cache
-            self.outbox_clients.append([client, b"", CLIENT, model, rid, protocol.OK, protocol.packb(entry.metadata)])
+            self._reply(client, model, rid, protocol.OK, entry.metadata)
             return
         body = [frames[4], *body]
         size = sum(len(f) for f in body)
@@ -395,6 +395,9 @@ class PoolState:
     def _reply_error(self, client: bytes, model: bytes, rid: bytes, error: PoolError) -> None:
         self.outbox_clients.append([client, b"", *protocol.encode_error(model, rid, error)])
 
+    def _reply(self, client: bytes, model: bytes, rid: bytes, status: bytes, header: Any, tensors: Sequence = ()) -> None:
+        self.outbox_clients.append([client, b"", *protocol.encode_reply(model, rid, status, header, tensors)])
+
     # --- management (mmi.*) --------------------------------------------------------------
 
     def _mmi_service(self, client: bytes, rid: bytes, header: dict) -> None:
@@ -403,8 +406,7 @@ class PoolState:
             self._reply_error(client, protocol.MMI_SERVICE, rid, InvalidInput(
                 f"mmi.service: name must be a string, got {protocol.wire_type(name)}"))
         elif name.encode() in self.models:
-            self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_SERVICE, rid, protocol.OK,
-                                        protocol.packb({"name": name})])
+            self._reply(client, protocol.MMI_SERVICE, rid, protocol.OK, {"name": name})
         else:
             self._reply_error(client, protocol.MMI_SERVICE, rid,
                               ModelNotFound(f"model {quote(name)} is not served here"))
@@ -412,10 +414,10 @@ class PoolState:
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
         detail = self.mmi_detail and header.get("detail") is True
         body = {"models": [entry.summary(detail) for entry in self.models.values()]}
-        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_MODELS, rid, protocol.OK, protocol.packb(body)])
+        self._reply(client, protocol.MMI_MODELS, rid, protocol.OK, body)
 
     def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:
-        self.outbox_clients.append([client, b"", CLIENT, protocol.MMI_HEALTH, rid, protocol.OK, protocol.packb(self.health())])
+        self._reply(client, protocol.MMI_HEALTH, rid, protocol.OK, self.health())
 
     def health(self) -> dict:
         """Liveness and readiness: ready when every model has a live replica."""
@@ -529,7 +531,7 @@ class PoolState:
             entry.served += 1
         else:
             entry.failed_with(item.status)
-        self.outbox_clients.append([item.client, b"", CLIENT, worker.model, item.rid, item.status, *item.body])
+        self._reply(item.client, worker.model, item.rid, item.status, item.body[0], item.body[1:])
 
     def _settle_batch(self, worker: Worker, pending: Pending, entry: ModelEntry) -> None:
         """One request of a batch is answered; the last one returns the worker's credit."""

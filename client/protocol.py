@@ -415,10 +415,11 @@ def parse_request(frames: Sequence[Any]) -> Request:
 
 
 def encode_reply(
-    model: bytes, rid: bytes, status: bytes, header: dict | bytes, tensors: Sequence[Any] = ()
+    model: bytes, rid: bytes, status: bytes, header: dict | Any, tensors: Sequence[Any] = ()
 ) -> list:
-    """Reply frames after the empty delimiter (the broker prepends identity and '')."""
-    packed = header if isinstance(header, bytes) else packb(header)
+    """Reply frames after the empty delimiter (the broker prepends identity and ''); ``header`` is a
+    map, or a frame already encoded (a worker's, forwarded untouched)."""
+    packed = packb(header) if isinstance(header, dict) else header
     return [CLIENT, model, rid, status, packed, *tensors]
 
 

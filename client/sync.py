@@ -56,7 +56,8 @@ from modelpool.client.base import (
 )
 from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout, Unavailable
 from modelpool.client.tracker import Entry, Tracker, lost_error, timeout_error
-from modelpool.client.transport import REPLY_TENSORS, recv_frames, send_frames
+from modelpool.client.protocol import REPLY_TENSORS
+from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 

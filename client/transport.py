@@ -13,8 +13,6 @@ from typing import Any, Sequence
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
-from modelpool.client.protocol import REPLY_TENSORS  # noqa: F401  (re-exported for the clients)
-
 _send = _BackendSocket.send
 _recv = _BackendSocket.recv
 _SNDMORE = int(zmq.SNDMORE)
