@@ -442,6 +442,17 @@ class Client:
         results = self.infer(model, x, wanted_outputs(outputs), timeout=timeout)
         return pick_outputs(results, model, outputs)
 
+    def call(self, model: str, header: dict, tensors: Sequence[Any] = (), *,
+             timeout: float | None = None) -> protocol.Reply:
+        """Send one request as the wire protocol has it (header map and raw tensor frames); the Reply.
+
+        Nothing is converted, and an error status is returned in the Reply (``protocol.reply_error(reply)``
+        gives the typed error), not raised.
+        """
+        wait = self._wait(timeout)
+        rid, frames = self._builder.request(model, dict(header), tensors, timeout=wait)
+        return self._roundtrip(rid, frames, wait)
+
     def metadata(self, model: str, *, timeout: float | None = None) -> dict:
         """Inputs and outputs (names, datatypes, shapes) of a model."""
         wait = self._wait(timeout)

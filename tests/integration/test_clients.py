@@ -133,6 +133,31 @@ def test_async_errors_are_typed_and_management_calls_work(pool, models):
     np.testing.assert_allclose(asyncio.run(run()), _expected(models.keras["a"], np.ones((1, 8), "float32")), **TOL)
 
 
+def test_call_sends_wire_headers_and_raw_tensors_and_returns_errors_as_replies(pool, models):
+    x = np.arange(16, dtype="<f4").reshape(2, 8)
+    header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 8]}]}
+    want = _expected(models.keras["a"], x)
+
+    def check(ok, bad):
+        assert ok.status == protocol.OK and ok.header["outputs"][0]["shape"] == [2, 4]
+        got = protocol.decode_tensors(ok.header["outputs"], ok.tensors)
+        np.testing.assert_allclose(next(iter(got.values())), want, **TOL)
+        assert bad.status == b"400"
+        assert isinstance(protocol.reply_error(bad), InvalidInput)
+
+    bad_header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 5]}]}
+    with Client(pool.endpoint) as client:
+        check(client.call("a", header, [x.tobytes()]), client.call("a", bad_header, [x[:, :5].tobytes()]))
+
+    async def run():
+        async with AsyncClient(pool.endpoint) as aclient:
+            return (await aclient.call("a", header, [x.tobytes()], timeout=10),
+                    await aclient.call("a", bad_header, [x[:, :5].tobytes()]))
+
+    check(*asyncio.run(run()))
+    assert "timeout_ms" not in header, "the caller's header is not changed"
+
+
 def test_async_timeout_and_closed_client(tmp_path):
     nobody = f"ipc://{tmp_path}/nobody.ipc"
 
