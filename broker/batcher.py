@@ -25,10 +25,11 @@ class Pending:
     """One client request held by the broker, from admission until it is answered."""
 
     __slots__ = ("client", "rid", "model", "body", "deadline", "size", "rows", "key", "arrived", "seq",
-                 "crashes", "where", "batch")
+                 "crashes", "where", "batch", "grouped")
 
     def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, *, deadline: float | None = None,
-                 size: int = 0, rows: int = 1, key: Hashable = (), arrived: float = 0.0, seq: int = 0) -> None:
+                 size: int = 0, rows: int = 1, key: Hashable = (), arrived: float = 0.0, seq: int = 0,
+                 grouped: bool = False) -> None:
         self.client = client
         self.rid = rid
         self.model = model
@@ -42,6 +43,7 @@ class Pending:
         self.crashes = 0  # workers that died with it in flight
         self.where = QUEUED
         self.batch: Batch | None = None
+        self.grouped = grouped  # came in a group: its client takes grouped replies
 
 
 class Batch:

@@ -279,6 +279,9 @@ class PoolState:
             self._reply_error(client, model, rid, InvalidInput("the broker could not handle this request"))
 
     def _client_message(self, client: bytes, frames: Sequence[Any]) -> None:
+        if protocol.is_group(frames):
+            self._client_group(client, frames)
+            return
         try:
             request = protocol.parse_request(frames)
         except PoolError as exc:
@@ -298,17 +301,11 @@ class PoolState:
             self._reply_error(client, model, rid, ModelNotFound(
                 f"model {quote(model)} is not served here; models served: {served}"))
             return
-        if (client, rid) in self.held:
-            # A copy of a request still pending (a client resending after its connection dropped):
-            # running it twice would answer it twice.
-            self.duplicates += 1
-            self.limited.info("duplicate requests", "dropped a second copy of pending request client=%s rid=%s",
-                              client.hex()[:64], quote(rid, 32))
+        if self._duplicate(client, rid):
             return
-        body = request.tensors
         try:
             _check_options(header)
-            key, rows = self._route(entry, header, len(body))
+            key, rows = self._route(entry, header, len(request.tensors))
         except PoolError as exc:
             entry.failed_with(exc.status)
             self._reply_error(client, model, rid, exc)
@@ -316,18 +313,32 @@ class PoolState:
         if key is None:  # metadata, answered from the READY cache
             self._reply(client, model, rid, protocol.OK, entry.metadata)
             return
-        body = [frames[4], *body]
+        now = self.now()
+        timeout_ms = header.get("timeout_ms")
+        self._admit(entry, client, rid, [frames[4], *request.tensors], key, rows, now,
+                    None if timeout_ms is None else now + timeout_ms / 1000.0, False)
+
+    def _duplicate(self, client: bytes, rid: bytes) -> bool:
+        """A copy of a request still pending (a client resending after its connection dropped) is
+        dropped: running it twice would answer it twice."""
+        if (client, rid) not in self.held:
+            return False
+        self.duplicates += 1
+        self.limited.info("duplicate requests", "dropped a second copy of pending request client=%s rid=%s",
+                          client.hex()[:64], quote(rid, 32))
+        return True
+
+    def _admit(self, entry: ModelEntry, client: bytes, rid: bytes, body: list, key: Any, rows: int, now: float,
+               deadline: float | None, grouped: bool) -> None:
+        """Queue a valid request, or answer 429/503 when the model or the broker holds too much."""
         size = sum(len(f) for f in body)
         error = self._admission_error(entry, size)
         if error is not None:
             entry.failed_with(error.status)
-            self._reply_error(client, model, rid, error)
+            self._reply_error(client, entry.name, rid, error)
             return
-        now = self.now()
-        timeout_ms = header.get("timeout_ms")
-        deadline = None if timeout_ms is None else now + timeout_ms / 1000.0
-        pending = Pending(client, rid, model, body, deadline=deadline, size=size, rows=rows, key=key,
-                          arrived=now, seq=next(self._seq))
+        pending = Pending(client, rid, entry.name, body, deadline=deadline, size=size, rows=rows, key=key,
+                          arrived=now, seq=next(self._seq), grouped=grouped)
         self.held[(client, rid)] = pending
         entry.held_bytes += size
         self.held_bytes += size
@@ -335,6 +346,59 @@ class PoolState:
         self._dirty.add(entry)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), pending))
+
+    def _client_group(self, client: bytes, frames: Sequence[Any]) -> None:
+        """Requests that share one model and header, in one message (the "group" extension)."""
+        try:
+            group = protocol.parse_request_group(frames)
+        except PoolError as exc:
+            self._malformed_group(client, frames, exc)
+            return
+        model, header = group.model, group.header
+        entry = self.models.get(model)
+        error: PoolError | None = None
+        if model.startswith(protocol.MMI_PREFIX) or "op" in header:
+            error = InvalidInput("a group carries inference requests only; send management and metadata "
+                                 "requests one at a time")
+        elif entry is None:
+            served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
+            error = ModelNotFound(f"model {quote(model)} is not served here; models served: {served}")
+        else:
+            try:
+                _check_options(header)
+                key, rows = protocol.batch_key(header, len(group.tensors[0]))
+            except PoolError as exc:
+                error = exc
+        if error is not None:
+            for rid in group.rids:
+                if entry is not None:
+                    entry.failed_with(error.status)
+                self._reply_error(client, model, rid, error)
+            return
+        now = self.now()
+        timeout_ms = header.get("timeout_ms")
+        deadline = None if timeout_ms is None else now + timeout_ms / 1000.0
+        for rid, tensors in zip(group.rids, group.tensors):
+            if not self._duplicate(client, rid):
+                self._admit(entry, client, rid, [group.header_frame, *tensors], key, rows, now, deadline, True)
+
+    def _malformed_group(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
+        # Each request is answered when the ids frame can be read; otherwise the group is dropped (and logged).
+        try:
+            model = protocol.frame_bytes(frames[2])
+            ids = protocol.unpack_any(frames[5], "group ids")
+        except (IndexError, PoolError):
+            ids = None
+        valid = (isinstance(ids, list) and 0 < len(ids) <= protocol.MAX_GROUP
+                 and all(isinstance(r, bytes) and 0 < len(r) <= protocol.MAX_ID_BYTES for r in ids))
+        if not valid or protocol.frame_bytes(frames[0]) != b"":
+            self.limited.warning("malformed client messages", "dropped malformed group client=%s: %s",
+                                 client.hex()[:64], exc)
+            return
+        self.limited.warning("malformed client messages", "malformed group client=%s model=%s: %s",
+                             client.hex()[:64], quote(model), exc)
+        for rid in dict.fromkeys(ids):
+            self._reply_error(client, model, rid, exc)
 
     def _route(self, entry: ModelEntry, header: dict, tensors: int) -> tuple[Any, int]:
         """(batch key, rows) of a request; key None for a metadata request the broker answers itself."""
@@ -423,7 +487,7 @@ class PoolState:
         """Liveness and readiness: ready when every model has a live replica."""
         models = {m.decode(errors="replace"): e.ready > 0 for m, e in self.models.items()}
         return {"live": True, "ready": self.admitting and bool(models) and all(models.values()),
-                "admitting": self.admitting, "models": models}
+                "admitting": self.admitting, "models": models, "extensions": list(protocol.EXTENSIONS)}
 
     # --- worker side ---------------------------------------------------------------------
 
@@ -455,8 +519,14 @@ class PoolState:
                 self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
                                      quote(identity))
                 return
+            grouped: dict[bytes, list] = {}
             for item in fields:
-                self._worker_reply(worker, item)
+                self._worker_reply(worker, item, grouped)
+            for client, replies in grouped.items():
+                if len(replies) == 1:
+                    self._reply(client, worker.model, *replies[0][:2], replies[0][2][0], replies[0][2][1:])
+                else:
+                    self.outbox_clients.append([client, b"", *protocol.encode_reply_group(worker.model, replies)])
         elif command is protocol.Command.READY:
             self._worker_ready(identity, worker, fields[0], fields[1])
         elif command is protocol.Command.HEARTBEAT:
@@ -518,7 +588,9 @@ class PoolState:
                           quote(model), quote(identity), worker.pid, worker.max_rows, worker.slots - 1, burst=50)
         self._dirty.add(entry)
 
-    def _worker_reply(self, worker: Worker, item: ReplyItem) -> None:
+    def _worker_reply(self, worker: Worker, item: ReplyItem, grouped: dict[bytes, list]) -> None:
+        """Settle one answered request; its reply is queued, or kept in ``grouped`` (by client) when
+        it came in a group."""
         pending = worker.inflight.pop((item.client, item.rid), None)
         if pending is None:
             self.limited.warning("replies for unknown requests", "reply for unknown request worker=%s rid=%s dropped",
@@ -531,7 +603,10 @@ class PoolState:
             entry.served += 1
         else:
             entry.failed_with(item.status)
-        self._reply(item.client, worker.model, item.rid, item.status, item.body[0], item.body[1:])
+        if pending.grouped:
+            grouped.setdefault(item.client, []).append((item.rid, item.status, item.body))
+        else:
+            self._reply(item.client, worker.model, item.rid, item.status, item.body[0], item.body[1:])
 
     def _settle_batch(self, worker: Worker, pending: Pending, entry: ModelEntry) -> None:
         """One request of a batch is answered; the last one returns the worker's credit."""

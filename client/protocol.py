@@ -20,6 +20,19 @@ Client <-> broker (client uses DEALER and sends the empty frame itself, or REQ):
     Management services answered by the broker: "mmi.service" (header {"name": <model>}, status
     "200"/"404"), "mmi.models", "mmi.health"; any other "mmi.*" is "501".
 
+Groups, an optional extension (a broker lists "group" in mmi.health's "extensions"): many requests
+to one model with one header in one message, marked by an empty request-id; the broker answers
+them with plain replies or grouped replies::
+
+    requests: ""  "MDPC01"  <model>  ""  <header>  <ids: msgpack array of request-ids>  <tensor>...
+    replies:  ""  "MDPC01"  <model>  ""  <index: msgpack [[request-id, status, frames], ...]>
+              { <header> <tensor>... }...
+
+    requests  every request has the header's tensors: len(ids) x len(inputs) tensor frames, request
+              after request; 1 to MAX_GROUP ids, each unique
+    index     per reply: its request-id, status as an integer (200, 400, ...), and how many frames
+              follow for it (1 + tensors)
+
 Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the identity)::
 
     READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, pid, max_batch_size, prefetch, metadata}>
@@ -64,6 +77,8 @@ MMI_PREFIX = b"mmi."
 MMI_SERVICE = b"mmi.service"
 MMI_MODELS = b"mmi.models"
 MMI_HEALTH = b"mmi.health"
+EXTENSIONS = ("group",)  # what a broker of this version lists in mmi.health's "extensions"
+MAX_GROUP = 1024  # requests in one group message
 
 OK = b"200"
 
@@ -412,6 +427,97 @@ def parse_request(frames: Sequence[Any]) -> Request:
     model = _check_id(frame_bytes(frames[2]), "model name")
     rid = _check_id(frame_bytes(frames[3]), "request-id")
     return Request(model, rid, unpack_header(frames[4]), list(frames[5:]))
+
+
+class RequestGroup(NamedTuple):
+    """A parsed group of requests: one model and header, each request's id and tensor frames."""
+
+    model: bytes
+    header_frame: Any  # the shared header as received: forwarded to workers with each request
+    header: dict
+    rids: list
+    tensors: list  # per request, its tensor frames
+
+
+def encode_request_group(model: str | bytes, header_frame: bytes, rids: Sequence[bytes],
+                         tensors: Sequence[Sequence[Any]]) -> list:
+    """Frames of a group of requests sharing ``header_frame`` (a packed header), the empty frame included."""
+    model_b = model.encode() if isinstance(model, str) else model
+    frames = [b"", CLIENT, model_b, b"", header_frame, packb(list(rids))]
+    for request in tensors:
+        frames.extend(request)
+    return frames
+
+
+def is_group(frames: Sequence[Any]) -> bool:
+    """Whether a client message (after the identity) or a reply is a group: its request-id frame is empty."""
+    return len(frames) > 4 and frame_bytes(frames[3]) == b""
+
+
+def parse_request_group(frames: Sequence[Any]) -> RequestGroup:
+    """Parse a group of requests as the broker's ROUTER sees it, after the identity frame."""
+    if len(frames) < 7:
+        raise ProtocolError(f"a group needs at least 7 frames ('', MDPC01, model, '', header, ids, tensor), "
+                            f"got {len(frames)}")
+    if frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != CLIENT:
+        raise ProtocolError("a group must start with '', 'MDPC01'")
+    model = _check_id(frame_bytes(frames[2]), "model name")
+    header = unpack_header(frames[4])
+    ids = unpack_any(frames[5], "group ids")
+    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_GROUP:
+        raise ProtocolError(f"group ids must be an array of 1 to {MAX_GROUP} request-ids, got {wire_type(ids)}"
+                            + (f" of {len(ids)}" if isinstance(ids, list) else ""))
+    for rid in ids:
+        if not isinstance(rid, bytes):
+            raise ProtocolError(f"group ids must be binary request-ids, got {wire_type(rid)}")
+        _check_id(rid, "request-id")
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("group ids must be unique")
+    inputs = header.get("inputs")
+    per = len(inputs) if isinstance(inputs, list) else 0
+    tensors = list(frames[6:])
+    if per == 0 or len(tensors) != per * len(ids):
+        raise ProtocolError(f"a group of {len(ids)} requests with {per} inputs each needs {per * len(ids)} "
+                            f"tensor frames, got {len(tensors)}")
+    return RequestGroup(model, frames[4], header, ids,
+                        [tensors[i:i + per] for i in range(0, len(tensors), per)])
+
+
+def encode_reply_group(model: bytes, replies: Sequence[tuple[bytes, bytes, Sequence[Any]]]) -> list:
+    """Grouped reply frames after the empty delimiter: (request-id, status, header + tensor frames) each."""
+    index, frames = [], [CLIENT, model, b"", b""]
+    for rid, status, body in replies:
+        index.append((rid, int(status), len(body)))
+        frames.extend(body)
+    frames[3] = packb(index)
+    return frames
+
+
+def parse_reply_group(frames: Sequence[Any]) -> list[Reply]:
+    """Parse grouped replies as a DEALER client receives them (the empty frame first)."""
+    if len(frames) < 6 or frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != CLIENT:
+        raise ProtocolError("a grouped reply must start with '', 'MDPC01' and hold at least 6 frames")
+    model = frame_bytes(frames[2])
+    index = unpack_any(frames[4], "grouped reply index")
+    if not isinstance(index, list) or not index:
+        raise ProtocolError(f"grouped reply index must be a non-empty array, got {wire_type(index)}")
+    replies, pos = [], 5
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], bytes) and _is_int(entry[1])
+                and 100 <= entry[1] <= 999 and _is_int(entry[2]) and entry[2] >= 1):
+            raise ProtocolError("grouped reply index entries must be [request-id, status 100-999, frames >= 1]")
+        end = pos + entry[2]
+        if end > len(frames):
+            raise ProtocolError(f"grouped reply index counts more frames than the message has ({len(frames) - 5})")
+        replies.append(Reply(model, entry[0], _STATUS_BYTES.get(entry[1]) or str(entry[1]).encode(),
+                             unpack_header(frames[pos]), list(frames[pos + 1:end])))
+        pos = end
+    if pos != len(frames):
+        raise ProtocolError(f"grouped reply: {len(frames) - pos} frames left after the replies the index counts")
+    return replies
+
+
+_STATUS_BYTES = {code: str(code).encode() for code in (200, 400, 404, 429, 500, 501, 503, 504)}
 
 
 def encode_reply(
