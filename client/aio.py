@@ -113,6 +113,7 @@ class AsyncClient:
     def _after_fork(self) -> None:
         # The parent's context, sockets and tasks belong to the parent: never close them here.
         inherit(self._ctx, self._sock, self._monitor, self._reader, self._watcher, self._tracker)
+        self._builder.after_fork()
         self._start_fresh()
 
     def _ensure(self) -> zmq.asyncio.Socket:

@@ -68,6 +68,13 @@ SUBMIT_WINDOW = 256  # requests the submit() I/O thread keeps in flight; the res
 # wait for the connection, not go into ZeroMQ's pipe and then be taken for lost (and sent twice) when
 # the disconnect is read. Busy links are polled continuously and skip it: no extra syscall per request.
 MONITOR_STALE = 0.01
+# A group (see client/protocol.py) holds at most this many tensor bytes: a larger request goes alone,
+# and a group never comes near the broker's max_message_bytes (which would cost the connection).
+GROUP_BYTES = 1 << 20
+# The request-id of the mmi.health request a link sends when its connection comes up, to learn
+# whether the broker takes groups; it is never a tracked request's id (those are 16 bytes).
+PROBE_RID = b"modelpool-probe"
+_PROBE = [b"", protocol.CLIENT, protocol.MMI_HEALTH, PROBE_RID, protocol.packb({})]
 
 Outcome = tuple[Entry, Any]  # (request, Reply or the PoolError it ended with)
 
@@ -91,6 +98,7 @@ class _Link:
         self.monitor_fd: int = self.monitor.getsockopt(zmq.FD)
         self.items: list[tuple[Any, int]] = [(self.sock, zmq.POLLIN), (self.monitor_fd, zmq.POLLIN)]
         self.done: list[Outcome] = []  # outcomes not handed out yet
+        self.grouping = False  # the broker at the other end takes groups (its mmi.health said so)
         self.watched = 0.0  # when the monitor was last read
         self.watch(time.monotonic())  # read to the end once: only then does its fd signal what comes next
 
@@ -102,6 +110,27 @@ class _Link:
         if self.tracker.connected:
             send_frames(self.sock, frames)
         return self.tracker.sent(rid, frames, timeout, now, tag, decode)
+
+    def send_many(self, requests: Sequence[tuple[bytes, list, float, Any, Any]], now: float) -> None:
+        """``send`` for many (rid, frames, timeout, tag, decode) at once: requests to one model with one
+        header travel as groups when the broker takes them."""
+        if now - self.watched > MONITOR_STALE:
+            self.watch(now)
+        sent = self.tracker.sent
+        for rid, frames, timeout, tag, decode in requests:
+            sent(rid, frames, timeout, now, tag, decode)
+        if not self.tracker.connected:
+            return
+        if not self.grouping or len(requests) == 1:
+            for request in requests:
+                send_frames(self.sock, request[1])
+            return
+        for run in _runs([request[1] for request in requests]):
+            if len(run) == 1:
+                send_frames(self.sock, run[0])
+            else:
+                send_frames(self.sock, protocol.encode_request_group(
+                    run[0][2], run[0][4], [f[3] for f in run], [f[5:] for f in run]))
 
     def wait(self) -> list[Outcome]:
         """Block until some requests are answered, fail or run out of time; [] when none is in flight."""
@@ -144,27 +173,32 @@ class _Link:
             except zmq.Again:
                 return
             try:
-                reply = protocol.parse_reply(frames)
+                replies = protocol.parse_reply_group(frames) if frames[3] == b"" else [protocol.parse_reply(frames)]
             except ProtocolError as exc:
                 log.debug("dropped a malformed reply from %s: %s", self.endpoint, exc)
                 continue
-            entry = tracker.reply(reply.rid)
-            if entry is not None:  # otherwise a late reply to a request given up on
-                done.append((entry, reply))
-                if not tracker:  # nothing else in flight (a lone round trip): skip the empty read
-                    return
+            for reply in replies:
+                entry = tracker.reply(reply.rid)
+                if entry is not None:  # otherwise a late reply to a request given up on, or the probe's
+                    done.append((entry, reply))
+                elif reply.rid == PROBE_RID:
+                    self.grouping = reply.status == protocol.OK and "group" in reply.header.get("extensions", ())
+            if not tracker:  # nothing else in flight (a lone round trip): skip the empty read
+                return
 
     def watch(self, now: float) -> None:
         """Read the monitor: on a lost connection hold or fail what was in flight; once back, resend."""
         self.watched = now
         for event in connection_events(self.monitor):
             if event == zmq.EVENT_DISCONNECTED:
+                self.grouping = False  # until the next broker says it takes groups
                 held, failed = self.tracker.connection_lost(now)
                 if held or failed:
                     log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
                                 self.endpoint, len(held) + len(failed), len(held), len(failed))
                 self.done.extend((entry, lost_error(entry, self.endpoint)) for entry in failed)
             elif event == UP_EVENT:
+                send_frames(self.sock, _PROBE)
                 for entry in self.tracker.reconnected(now):
                     if self.abandoned is not None and self.abandoned(entry):
                         self.tracker.discard(entry.rid)
@@ -175,6 +209,24 @@ class _Link:
         """Close the socket and its monitor (linger 0)."""
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+
+def _runs(messages: list[list]) -> list[list[list]]:
+    """Consecutive requests with the same model and the same header object, up to a group's limits."""
+    runs: list[list[list]] = []
+    run: list[list] = []
+    size = 0
+    for frames in messages:
+        nbytes = sum(memoryview(t).nbytes for t in frames[5:])
+        if (run and frames[4] is run[0][4] and frames[2] == run[0][2] and len(run) < protocol.MAX_GROUP
+                and size + nbytes <= GROUP_BYTES):
+            run.append(frames)
+            size += nbytes
+        else:
+            run = [frames]
+            size = nbytes
+            runs.append(run)
+    return runs
 
 
 def _settle(entry: Entry, outcome: Any) -> None:
@@ -219,6 +271,10 @@ class _Dispatcher:
         os.set_blocking(self._wake_w, False)
         self._pipe_lock = threading.Lock()  # the thread closes the pipe on its way out; nobody writes after
         self._stopping = False
+        # True while the thread may block in zmq_poll: only then does a new request write to the pipe.
+        # The thread sets it before it looks at the inbox a last time, and a caller appends before it
+        # reads it, so (the GIL ordering both) a request is either seen or wakes the thread.
+        self._asleep = True
         self._thread = threading.Thread(target=self._run, name="modelpool-client-io", daemon=True)
         self._thread.start()
 
@@ -229,7 +285,8 @@ class _Dispatcher:
     def put(self, item: _Submitted) -> None:
         """Queue a request; the I/O thread sends it (deque appends are thread-safe)."""
         self._inbox.append(item)
-        self._wake()
+        if self._asleep:
+            self._wake()
 
     def _wake(self) -> None:
         with self._pipe_lock:
@@ -278,8 +335,13 @@ class _Dispatcher:
         try:
             while not self._stopping:
                 self._admit(link)
-                timeout = 0 if link.done else link.tracker.next_timeout(time.monotonic())
+                self._asleep = True
+                if self._inbox and len(link.tracker) < self._window:
+                    timeout = 0.0
+                else:
+                    timeout = 0 if link.done else link.tracker.next_timeout(time.monotonic())
                 ready = zmq_poll(items, -1 if timeout is None else math.ceil(timeout * 1000))
+                self._asleep = False
                 if any(item == self._wake_r for item, _ in ready):
                     self._drain_wake()
                 link.handle(ready, time.monotonic())
@@ -309,14 +371,15 @@ class _Dispatcher:
                     pass
 
     def _admit(self, link: _Link) -> None:
-        now = time.monotonic()
-        while len(link.tracker) < self._window:
-            try:
-                item = self._inbox.popleft()
-            except IndexError:
-                return
+        room = self._window - len(link.tracker)
+        inbox, batch = self._inbox, []
+        while room > 0 and inbox:
+            item = inbox.popleft()
             if not item.future.cancelled():
-                link.send(item.rid, item.frames, item.timeout, now, item.future, item.decode)
+                batch.append((item.rid, item.frames, item.timeout, item.future, item.decode))
+                room -= 1
+        if batch:
+            link.send_many(batch, time.monotonic())
 
     def _drain_wake(self) -> None:
         try:
@@ -355,6 +418,7 @@ class Client:
         self._local = threading.local()
         self._links: list[_Link] = []
         self._dispatcher: _Dispatcher | None = None
+        self._inside: set[int] = set()  # threads in a round trip now
 
     def _after_fork(self) -> None:
         # In a forked child the parent's context, sockets and I/O thread belong to the parent: start
@@ -362,6 +426,7 @@ class Client:
         if self._dispatcher is not None:
             self._dispatcher.forget()
         inherit(self._ctx, self._links, self._local, self._dispatcher)
+        self._builder.after_fork()
         self._start_fresh()
 
     def _context(self) -> zmq.Context:
@@ -392,6 +457,28 @@ class Client:
     # --- round trips ---------------------------------------------------------------------
 
     def _roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
+        """One request answered: on the calling thread's own socket when it is alone (the lowest
+        latency), through the I/O thread when other threads are waiting too (their requests then
+        travel together, in groups, instead of each thread paying for its own socket's round trip)."""
+        me = threading.get_ident()
+        inside = self._inside
+        if len(inside) > (me in inside):
+            return self._io_roundtrip(rid, frames, timeout)
+        inside.add(me)
+        try:
+            return self._own_roundtrip(rid, frames, timeout)
+        finally:
+            inside.discard(me)
+
+    def _io_roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
+        future: Future = Future()
+        self._io().put(_Submitted(future, rid, frames, self._wait(timeout), None))
+        try:
+            return future.result()
+        finally:
+            future.cancel()  # interrupted: nobody waits for it any more
+
+    def _own_roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
         link = self._link()
         entry = link.send(rid, frames, self._wait(timeout), time.monotonic())
         others: list[Outcome] = []
@@ -520,7 +607,8 @@ class Client:
         more = True
         try:
             while True:
-                while more and len(mine) < window:
+                batch = []
+                while more and len(mine) + len(batch) < window:
                     try:
                         x = next(items)
                     except StopIteration:
@@ -534,8 +622,10 @@ class Client:
                             raise
                         results[-1] = exc
                         continue
-                    link.send(rid, frames, wait, time.monotonic(), len(results) - 1)
-                    mine.add(rid)
+                    batch.append((rid, frames, wait, len(results) - 1, None))
+                if batch:
+                    link.send_many(batch, time.monotonic())
+                    mine.update(request[0] for request in batch)
                 if not mine:
                     return results
                 done = link.wait()
