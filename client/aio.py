@@ -1,17 +1,24 @@
 """asyncio client: one DEALER socket, many requests in flight, replies matched by request-id.
 
-A reader task receives every reply and hands it to the future of the request with that id; replies
-nobody waits for any more (a cancelled task's, a timed-out request's) are dropped. Cancelling the task
-that awaits a request abandons the request cleanly.
+The socket is a plain (not ``zmq.asyncio``) socket watched by the event loop through its file
+descriptor (``loop.add_reader``), read and written with the same low-overhead transport as the sync
+client and the broker (``client/transport.py``): no future per message, only one per request.
+Replies are handed to the future of the request with that id; replies nobody waits for any more (a
+cancelled task's, a timed-out request's) are dropped. Cancelling the task that awaits a request
+abandons the request cleanly.
+
+Requests made in one turn of the event loop leave together: the first goes at once (a lone request
+pays no extra latency), the rest when the loop comes round, as groups when the broker takes them
+(the "group" extension, ``client/protocol.py``; a probe on each connection asks the broker).
 
 Deadlines and retries as in the sync client, kept by the same ``Tracker`` (``client/tracker.py``): a
 request's whole ``timeout`` goes to the broker once as its ``timeout_ms``, and one timer, set for the
 earliest deadline plus ``DEADLINE_GRACE``, fails the requests that ran out of time with RequestTimeout;
-a slow answer is never sent again. A watcher task reads the socket's monitor. While the connection is
-down (before the first handshake too), requests wait in the tracker and the watcher sends them when
-it is up; when it drops, the requests in flight on it are sent again once ZeroMQ has reconnected
-(``retries`` times at most, under the same request-id, with ``timeout_ms`` cut to what is left), and
-those with no retry left fail at once with Unavailable.
+a slow answer is never sent again. The socket's monitor is watched the same way. While the connection
+is down (before the first handshake too), requests wait in the tracker and are sent when it is up;
+when it drops, the requests in flight on it are sent again once ZeroMQ has reconnected (``retries``
+times at most, under the same request-id, with ``timeout_ms`` cut to what is left), and those with no
+retry left fail at once with Unavailable.
 """
 from __future__ import annotations
 
@@ -22,8 +29,6 @@ from typing import Any, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from modelpool.client import protocol
 from modelpool.client.base import (
@@ -31,54 +36,56 @@ from modelpool.client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    PROBE,
+    PROBE_RID,
     UP_EVENT,
     ModelSchema,
     ReadyWait,
     RequestBuilder,
     SchemaCache,
     check_settings,
+    connection_events,
+    grouped_messages,
     header_or_raise,
     inherit,
     open_monitored,
     pick_outputs,
+    takes_groups,
     track_forks,
     wanted_outputs,
 )
 from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout, Unavailable
-from modelpool.client.tracker import Entry, Tracker, lost_error, timeout_error
+from modelpool.client.protocol import REPLY_TENSORS
+from modelpool.client.tracker import Tracker, lost_error, timeout_error
+from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
 
 class _Closing:
-    """What ``AsyncClient.close()`` returns: awaiting it waits for the reader and watcher tasks to finish."""
+    """What ``AsyncClient.close()`` returns; awaiting it is a no-op kept for ``await client.close()``."""
 
-    __slots__ = ("_tasks",)
-
-    def __init__(self, tasks: list[asyncio.Task]) -> None:
-        self._tasks = [t for t in tasks if t is not None and not t.done()]
+    __slots__ = ()
 
     def __await__(self) -> Generator[Any, None, None]:
-        if not self._tasks:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        tasks = {t for t in self._tasks if t.get_loop() is loop}  # tasks of another (closed) loop cannot be waited for
-        if tasks:
-            yield from asyncio.wait(tasks).__await__()
+        return
+        yield  # a generator: awaitable
 
 
 class AsyncClient:
     """Talks to a modelpool broker from asyncio; the methods of ``Client`` as coroutines.
 
-    One ``zmq.asyncio`` DEALER socket carries every request of this client; ``asyncio.gather`` of many
-    calls keeps them all in flight. ``timeout`` (seconds) is each request's whole budget, and
-    ``retries`` how many times a request is sent again after the connection was lost with it in flight
-    (see the module docstring). Use ``async with`` or ``await client.close()``. A process forked from
-    one holding an AsyncClient gets a fresh context and socket on first use in the child; the socket
-    follows the running event loop.
+    One DEALER socket carries every request of this client; ``asyncio.gather`` of many calls keeps
+    them all in flight. ``timeout`` (seconds) is each request's whole budget, and ``retries`` how many
+    times a request is sent again after the connection was lost with it in flight (see the module
+    docstring). Use ``async with`` or ``await client.close()``. A process forked from one holding an
+    AsyncClient gets a fresh context and socket on first use in the child; the socket follows the
+    running event loop.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT,
@@ -96,80 +103,99 @@ class AsyncClient:
 
     def _start_fresh(self) -> None:
         self._pid = os.getpid()
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._fds: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
         self._tracker = Tracker(self.retries)
         self._timer: asyncio.TimerHandle | None = None
+        self._out: list[list] = []  # requests to send when the loop comes round (or when there is room)
+        self._flushing = False  # a flush is scheduled
+        self._grouping = False  # the broker takes groups (the probe's answer)
 
     @property
-    def _pending(self) -> dict[bytes, Entry]:
+    def _pending(self) -> dict:
         """The requests in flight, by request-id."""
         return self._tracker.pending
 
     def _after_fork(self) -> None:
-        # The parent's context, sockets and tasks belong to the parent: never close them here.
-        inherit(self._ctx, self._sock, self._monitor, self._reader, self._watcher, self._tracker)
+        # The parent's context and sockets belong to the parent: never close them here.
+        inherit(self._ctx, self._sock, self._monitor, self._tracker)
         self._builder.after_fork()
         self._start_fresh()
 
-    def _ensure(self) -> zmq.asyncio.Socket:
-        """The socket of this process and event loop, opened (with its reader and watcher tasks) if needed."""
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        """The running loop, with this process's socket opened and watched by it if needed."""
         if self._pid != os.getpid():
             self._after_fork()
         if self._closed:
             raise RuntimeError("client is closed")
         loop = asyncio.get_running_loop()
-        if self._sock is not None and (self._loop is not loop or self._reader is None or self._reader.done()):
-            # a socket and its tasks serve the loop that made them
+        if self._sock is not None and self._loop is not loop:
+            # a socket is watched by the loop that opened it
             self._drop_socket(lambda: PoolError("the client was used from another event loop while the request "
                                                 "was in flight"))
         if self._sock is None:
             if self._ctx is None:
-                self._ctx = zmq.asyncio.Context()
+                self._ctx = zmq.Context()
             self._sock, self._monitor = open_monitored(self._ctx, self.endpoint)
             self._loop = loop
-            self._reader = loop.create_task(self._read(self._sock), name=f"modelpool-reader {self.endpoint}")
-            self._watcher = loop.create_task(self._watch(self._sock, self._monitor),
-                                             name=f"modelpool-monitor {self.endpoint}")
-        return self._sock
+            self._fds = (self._sock.getsockopt(zmq.FD), self._monitor.getsockopt(zmq.FD))
+            loop.add_reader(self._fds[0], self._on_socket)
+            loop.add_reader(self._fds[1], self._on_monitor)
+            # ZeroMQ's descriptors signal edges: read what is there already once
+            loop.call_soon(self._on_monitor)
+        return loop
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            try:
-                self._dispatch(await sock.recv_multipart(copy=False))
-                # then take what else has arrived without a round through the event loop per message
-                while True:
-                    self._dispatch(sock.recv_multipart(zmq.NOBLOCK, copy=False).result())
-            except zmq.Again:
-                continue
-            except zmq.ZMQError:  # closed under us: a dropped socket or a closed client
-                return
+    # --- the socket ----------------------------------------------------------------------
+
+    def _on_socket(self) -> None:
+        """The socket's descriptor fired: take every reply waiting, and send what waits for room."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while True:
+                try:
+                    frames = recv_frames(sock, REPLY_TENSORS)
+                except zmq.Again:
+                    break
+                self._dispatch(frames)
+            if self._out and not self._flushing:
+                self._flush()
+        except zmq.ZMQError:  # closed under us
+            return
 
     def _dispatch(self, frames: list) -> None:
         try:
-            reply = protocol.parse_reply(frames)
+            replies = protocol.parse_reply_group(frames) if frames[3] == b"" else [protocol.parse_reply(frames)]
         except ProtocolError as exc:
             log.debug("dropped a malformed reply from %s: %s", self.endpoint, exc)
             return
-        entry = self._tracker.reply(reply.rid)
-        if entry is None or entry.tag.done():
-            self._late += 1
-        else:
-            entry.tag.set_result(reply)
+        tracker = self._tracker
+        for reply in replies:
+            entry = tracker.reply(reply.rid)
+            if entry is not None and not entry.tag.done():
+                entry.tag.set_result(reply)
+            elif reply.rid == PROBE_RID:
+                self._grouping = takes_groups(reply)
+            else:
+                self._late += 1
 
-    async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+    def _on_monitor(self) -> None:
         """Hold or fail the requests in flight when the connection drops; resend the held ones once it is back."""
-        while True:
-            try:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-            except zmq.ZMQError:  # closed under us
-                return
-            now = asyncio.get_running_loop().time()
+        monitor, loop = self._monitor, self._loop
+        if monitor is None or loop is None:
+            return
+        try:
+            events = connection_events(monitor)
+        except zmq.ZMQError:  # closed under us
+            return
+        for event in events:
+            now = loop.time()
             if event == zmq.EVENT_DISCONNECTED:
+                self._grouping = False  # until the next broker says it takes groups
                 held, failed = self._tracker.connection_lost(now)
                 if held or failed:
                     log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
@@ -178,11 +204,56 @@ class AsyncClient:
                     _fail(entry.tag, lost_error(entry, self.endpoint))
                 self._arm()
             elif event == UP_EVENT:
+                self._queue(PROBE)
                 for entry in self._tracker.reconnected(now):
                     if entry.tag.done():  # cancelled meanwhile
                         self._tracker.discard(entry.rid)
                     else:
-                        self._send(sock, entry.frames)  # a full queue: it goes when there is room
+                        self._queue(entry.frames)
+
+    def _queue(self, frames: list) -> None:
+        """Send a request: at once when it is the first of this turn of the loop, else with the flush."""
+        if self._flushing:
+            self._out.append(frames)
+            return
+        self._flushing = True
+        self._loop.call_soon(self._flush)
+        if self._out or not self._send(self._sock, frames):
+            self._out.append(frames)
+
+    def _flush(self) -> None:
+        """Send what this turn of the loop queued (as groups where it can); what finds no room waits."""
+        self._flushing = False
+        sock, out = self._sock, self._out
+        if sock is None:
+            out.clear()
+            return
+        if out:
+            pending = self._tracker.pending
+            live = [f for f in out if f is PROBE or _still_wanted(pending.get(f[3]))]
+            messages = grouped_messages(live) if self._grouping else [(f, 1) for f in live]
+            done = 0
+            try:
+                for message, count in messages:
+                    if not self._send(sock, message):
+                        break
+                    done += count
+            except zmq.ZMQError:  # closed under us
+                return
+            self._out = live[done:]
+        try:
+            if sock.getsockopt(_EVENTS) & _POLLIN:  # a send may have taken the descriptor's edge
+                self._on_socket()
+        except zmq.ZMQError:
+            return
+
+    def _send(self, sock: zmq.Socket, frames: list) -> bool:
+        """Put one message on the socket without blocking; False when its queue is full."""
+        try:
+            send_frames(sock, frames, _NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     def _arm(self) -> None:
         """Set the one timer for the earliest deadline (plus grace) of the requests in flight."""
@@ -206,53 +277,39 @@ class AsyncClient:
         self._arm()
 
     def _drop_socket(self, reason: Any) -> None:
-        """Close the socket and its monitor (linger 0), stop their tasks; requests in flight fail with ``reason()``."""
-        sock, monitor, tasks = self._sock, self._monitor, (self._reader, self._watcher)
-        self._sock = self._monitor = self._reader = self._watcher = self._loop = None
+        """Stop watching and close the socket and its monitor (linger 0); requests in flight fail with ``reason()``."""
+        sock, monitor, fds, loop = self._sock, self._monitor, self._fds, self._loop
+        self._sock = self._monitor = self._fds = self._loop = None
+        self._out.clear()
+        self._flushing = False
+        self._grouping = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for entry in self._tracker.clear():
             _fail(entry.tag, reason())
         self._tracker = Tracker(self.retries)  # the next socket starts unconnected
-        for task in tasks:
-            if task is not None and not task.done():
-                try:
-                    task.cancel()
-                except RuntimeError:  # its loop is closed
-                    pass
+        if loop is not None and fds is not None and not loop.is_closed():
+            for fd in fds:
+                loop.remove_reader(fd)
         for s in (monitor, sock):
             if s is not None:
-                try:
-                    s.close(linger=0)
-                except RuntimeError:  # the loop it was registered with is closed
-                    zmq.Socket.close(s, linger=0)
-
-    def _send(self, sock: zmq.asyncio.Socket, frames: list) -> asyncio.Future:
-        """Send a request; the future is done at once unless the socket's queue is full."""
-        return sock.send_multipart(frames, copy=False)
+                s.close(linger=0)
 
     # --- round trips ---------------------------------------------------------------------
 
     async def _roundtrip(self, rid: bytes, frames: list, timeout: float | None) -> protocol.Reply:
-        sock = self._ensure()
-        loop = self._loop
+        loop = self._ensure()
         future = loop.create_future()
-        # while the connection is down the request waits in the tracker; the watcher sends it
-        sending = self._send(sock, frames) if self._tracker.connected else None
         entry = self._tracker.sent(rid, frames, self._wait(timeout), loop.time(), future)
+        if self._tracker.connected:  # otherwise it waits in the tracker until the connection is up
+            self._queue(frames)
         timer = self._timer
         if timer is None or entry.due < timer.when():
             self._arm()
         try:
-            if sending is not None and not sending.done():  # the queue is full: wait for room, not past the deadline
-                await asyncio.wait((sending, future), return_when=asyncio.FIRST_COMPLETED)
-            if sending is not None and sending.done():
-                sending.result()  # a send that failed (a closed socket) raises here
             return await future
         finally:
-            if sending is not None and not sending.done():
-                sending.cancel()
             self._tracker.discard(rid)  # cancelled: nobody waits for it any more
 
     def _wait(self, timeout: float | None) -> float:
@@ -358,23 +415,27 @@ class AsyncClient:
     # --- lifetime ------------------------------------------------------------------------
 
     def close(self) -> _Closing:
-        """Stop the reader and watcher, fail requests in flight, close the sockets; ``await`` it to let them end."""
+        """Fail requests in flight and close the sockets; may be awaited (``await client.close()``)."""
         self._closed = True
-        tasks = [self._reader, self._watcher]
         if self._pid != os.getpid():
-            return _Closing([])
+            return _Closing()
         endpoint = self.endpoint
         self._drop_socket(lambda: PoolError(f"the client of {endpoint} was closed while the request was in flight"))
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             ctx.term()
-        return _Closing(tasks)
+        return _Closing()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _still_wanted(entry: Any) -> bool:
+    """A queued request is still to be sent: tracked, not cancelled, not held for a reconnect."""
+    return entry is not None and not entry.held and not entry.tag.done()
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -325,6 +325,51 @@ class ReadyWait:
         return min(READY_POLL, max(0.0, self.deadline - now))
 
 
+# --- groups --------------------------------------------------------------------------------
+
+# A group (see client/protocol.py) holds at most this many tensor bytes: a larger request goes alone,
+# and a group never comes near the broker's max_message_bytes (which would cost the connection).
+GROUP_BYTES = 1 << 20
+# The request-id of the mmi.health request a client sends when its connection comes up, to learn
+# whether the broker takes groups; it is never a tracked request's id (those are 16 bytes).
+PROBE_RID = b"modelpool-probe"
+PROBE = [b"", protocol.CLIENT, protocol.MMI_HEALTH, PROBE_RID, protocol.packb({})]
+
+
+def takes_groups(reply: protocol.Reply) -> bool:
+    """Whether the answer to the probe says the broker takes groups."""
+    extensions = reply.header.get("extensions") if reply.status == protocol.OK else None
+    return isinstance(extensions, list) and "group" in extensions
+
+
+def grouped_messages(requests: list[list]) -> list[tuple[list, int]]:
+    """(message, how many requests it carries) for request frames in order: consecutive requests with
+    the same model and the same header object (a cached one: inference requests only) as groups."""
+    out: list[tuple[list, int]] = []
+    run: list[list] = []
+    size = 0
+    for frames in requests:
+        nbytes = sum(memoryview(t).nbytes for t in frames[5:])
+        if (run and frames[4] is run[0][4] and frames[2] == run[0][2] and len(run) < protocol.MAX_GROUP
+                and size + nbytes <= GROUP_BYTES):
+            run.append(frames)
+            size += nbytes
+            continue
+        if run:
+            out.append(_message(run))
+        run, size = [frames], nbytes
+    if run:
+        out.append(_message(run))
+    return out
+
+
+def _message(run: list[list]) -> tuple[list, int]:
+    if len(run) == 1:
+        return run[0], 1
+    first = run[0]
+    return protocol.encode_request_group(first[2], first[4], [f[3] for f in run], [f[5:] for f in run]), len(run)
+
+
 # --- sockets -------------------------------------------------------------------------------
 
 # What a client's socket monitor reports: the connection dropped, and it is back (the ZMTP handshake

@@ -39,6 +39,8 @@ from modelpool.client.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    PROBE,
+    PROBE_RID,
     UP_EVENT,
     ModelSchema,
     ReadyWait,
@@ -46,11 +48,13 @@ from modelpool.client.base import (
     SchemaCache,
     check_settings,
     connection_events,
+    grouped_messages,
     header_or_raise,
     inherit,
     open_monitored,
     pick_outputs,
     single_output,
+    takes_groups,
     track_forks,
     wanted_outputs,
 )
@@ -68,13 +72,6 @@ SUBMIT_WINDOW = 256  # requests the submit() I/O thread keeps in flight; the res
 # wait for the connection, not go into ZeroMQ's pipe and then be taken for lost (and sent twice) when
 # the disconnect is read. Busy links are polled continuously and skip it: no extra syscall per request.
 MONITOR_STALE = 0.01
-# A group (see client/protocol.py) holds at most this many tensor bytes: a larger request goes alone,
-# and a group never comes near the broker's max_message_bytes (which would cost the connection).
-GROUP_BYTES = 1 << 20
-# The request-id of the mmi.health request a link sends when its connection comes up, to learn
-# whether the broker takes groups; it is never a tracked request's id (those are 16 bytes).
-PROBE_RID = b"modelpool-probe"
-_PROBE = [b"", protocol.CLIENT, protocol.MMI_HEALTH, PROBE_RID, protocol.packb({})]
 
 Outcome = tuple[Entry, Any]  # (request, Reply or the PoolError it ended with)
 
@@ -125,12 +122,8 @@ class _Link:
             for request in requests:
                 send_frames(self.sock, request[1])
             return
-        for run in _runs([request[1] for request in requests]):
-            if len(run) == 1:
-                send_frames(self.sock, run[0])
-            else:
-                send_frames(self.sock, protocol.encode_request_group(
-                    run[0][2], run[0][4], [f[3] for f in run], [f[5:] for f in run]))
+        for message, _ in grouped_messages([request[1] for request in requests]):
+            send_frames(self.sock, message)
 
     def wait(self) -> list[Outcome]:
         """Block until some requests are answered, fail or run out of time; [] when none is in flight."""
@@ -182,7 +175,7 @@ class _Link:
                 if entry is not None:  # otherwise a late reply to a request given up on, or the probe's
                     done.append((entry, reply))
                 elif reply.rid == PROBE_RID:
-                    self.grouping = reply.status == protocol.OK and "group" in reply.header.get("extensions", ())
+                    self.grouping = takes_groups(reply)
             if not tracker:  # nothing else in flight (a lone round trip): skip the empty read
                 return
 
@@ -198,7 +191,7 @@ class _Link:
                                 self.endpoint, len(held) + len(failed), len(held), len(failed))
                 self.done.extend((entry, lost_error(entry, self.endpoint)) for entry in failed)
             elif event == UP_EVENT:
-                send_frames(self.sock, _PROBE)
+                send_frames(self.sock, PROBE)
                 for entry in self.tracker.reconnected(now):
                     if self.abandoned is not None and self.abandoned(entry):
                         self.tracker.discard(entry.rid)
@@ -209,24 +202,6 @@ class _Link:
         """Close the socket and its monitor (linger 0)."""
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
-
-
-def _runs(messages: list[list]) -> list[list[list]]:
-    """Consecutive requests with the same model and the same header object, up to a group's limits."""
-    runs: list[list[list]] = []
-    run: list[list] = []
-    size = 0
-    for frames in messages:
-        nbytes = sum(memoryview(t).nbytes for t in frames[5:])
-        if (run and frames[4] is run[0][4] and frames[2] == run[0][2] and len(run) < protocol.MAX_GROUP
-                and size + nbytes <= GROUP_BYTES):
-            run.append(frames)
-            size += nbytes
-        else:
-            run = [frames]
-            size = nbytes
-            runs.append(run)
-    return runs
 
 
 def _settle(entry: Entry, outcome: Any) -> None:

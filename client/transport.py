@@ -19,11 +19,20 @@ _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
-    """Send a multipart message; buffers and Frames are sent without copying when large."""
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+    """Send a multipart message; buffers and Frames are sent without copying when large.
+
+    ``flags`` (NOBLOCK) applies to the first frame: ZeroMQ takes a message whole or not at all, so
+    once the first frame is in, the others never block.
+    """
     last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _send(sock, frame, _SNDMORE if i < last else 0, False, False)
+    if last == 0:
+        _send(sock, frames[0], flags, False, False)
+        return
+    _send(sock, frames[0], _SNDMORE | flags, False, False)
+    for i in range(1, last):
+        _send(sock, frames[i], _SNDMORE, False, False)
+    _send(sock, frames[last], 0, False, False)
 
 
 def recv_frames(sock: zmq.Socket, first_tensor: int, *, block: bool = False) -> list:

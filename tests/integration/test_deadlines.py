@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from custom_layers import counted_runs
-from modelpool.client import AsyncClient, Client, RequestTimeout
+from modelpool.client import AsyncClient, Client, RequestTimeout, protocol
 from modelpool.client import sync as sync_client
 from modelpool.client.tracker import DEADLINE_GRACE
 from poolutil import Pool, process_alive, wait_until
@@ -145,11 +145,15 @@ def test_requests_in_flight_when_the_broker_is_killed_are_resent_once_to_the_nex
     spec = [{"name": "slower", "path": str(model.path), "imports": ["custom_layers"], "max_batch_size": 8}]
     sends: list[tuple[bytes, float]] = []  # (request-id, when) of every inference request put on a socket
 
+    def note(frames):
+        if len(frames) > 5:  # tensors follow the header: an inference request or a group of them
+            rids = protocol.unpack_any(frames[5], "ids") if frames[3] == b"" else [frames[3]]
+            sends.extend((rid, time.monotonic()) for rid in rids)
+
     def counting(send):
-        def send_frames(sock, frames):
-            if len(frames) > 5:  # tensors follow the header: an inference request (not metadata, not mmi.*)
-                sends.append((frames[3], time.monotonic()))
-            return send(sock, frames)
+        def send_frames(sock, frames, *flags):
+            note(frames)
+            return send(sock, frames, *flags)
         return send_frames
 
     monkeypatch.setattr(sync_client, "send_frames", counting(sync_client.send_frames))
@@ -161,9 +165,10 @@ def test_requests_in_flight_when_the_broker_is_killed_are_resent_once_to_the_nex
     plain_send = aclient._send
 
     def async_send(sock, frames):
-        if len(frames) > 5:
-            sends.append((frames[3], time.monotonic()))
-        return plain_send(sock, frames)
+        sent = plain_send(sock, frames)
+        if sent:
+            note(frames)
+        return sent
 
     aclient._send = async_send
     first = Pool(spec, frontend=endpoint)
