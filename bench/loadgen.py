@@ -188,11 +188,60 @@ def dealer_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float
     return win
 
 
+def threads_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float, seconds: float) -> Window:
+    """N threads sharing one Client, each calling ``predict`` in a loop (what a threaded web server does)."""
+    win = Window(warmup, seconds)
+    with Client(endpoint) as client:
+        def loop() -> None:
+            while win.open():
+                t0 = perf()
+                try:
+                    client.predict(model, x1)
+                except Exception as exc:  # typed pool errors; counted, not fatal
+                    win.error(type(exc).__name__, perf())
+                    continue
+                win.record(t0, perf())
+
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(win.end - perf() + STALL_SECONDS)
+        if any(t.is_alive() for t in threads):
+            win.note = "stalled"
+    return win
+
+
+def many_load(endpoint: str, model: str, x1: np.ndarray, n: int, warmup: float, seconds: float) -> Window:
+    """One Client, ``predict_many`` with a window of N over a stream of requests; latency is not seen
+    per request (results come back as one list), so each is recorded with the call's mean."""
+    win = Window(warmup, seconds)
+
+    def stream():
+        while win.open():
+            yield x1
+
+    with Client(endpoint) as client:
+        while perf() < win.start:  # warm-up: whole calls of 4 windows each
+            client.predict_many(model, [x1] * (4 * n), window=n)
+        t0 = perf()
+        results = client.predict_many(model, stream(), window=n, return_exceptions=True)
+        mean = (perf() - t0) / max(1, len(results)) * n  # about the time one request spent in flight
+        for r in results:
+            if isinstance(r, Exception):
+                win.error(type(r).__name__, win.start)
+            else:
+                win.latencies.append(mean)
+    return win
+
+
 # name -> (generator, how the table names it)
 GENERATORS: dict[str, tuple[Callable[..., Window], str]] = {
     "submit": (submit_load, "Client.submit"),
     "async": (async_load, "AsyncClient"),
     "dealer": (dealer_load, "raw DEALER, not a user API"),
+    "many": (many_load, "Client.predict_many"),
+    "threads": (threads_load, "Client.predict, N threads"),
 }
 GENERATOR_TEXT = {
     "submit": "one `Client`, N `Client.submit` futures in flight; the benchmark thread submits the next request "
@@ -200,4 +249,6 @@ GENERATOR_TEXT = {
     "async": "N coroutines on one `AsyncClient`, each awaiting `predict` in a loop",
     "dealer": "one hand-written DEALER socket pipelining N requests built with `client.protocol`, matched by "
               "request-id; not a user API, shown so that the clients' own cost is visible beside it",
+    "many": "one `Client`, `predict_many` with a window of N over a stream of requests",
+    "threads": "N threads sharing one `Client`, each calling `predict` in a loop",
 }

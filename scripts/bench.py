@@ -33,9 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated: " + ", ".join(SYSTEMS))
-    p.add_argument("--generators", default=",".join(GENERATORS),
+    p.add_argument("--generators", default="submit,async,dealer",
                    help="modelpool load generators at N in flight, comma-separated: submit (Client.submit), "
-                        "async (AsyncClient), dealer (raw DEALER socket, not a user API)")
+                        "async (AsyncClient), dealer (raw DEALER socket, not a user API), many (Client.predict_many), "
+                        "threads (Client.predict from N threads)")
     p.add_argument("--concurrency", default="1,8,32,128", help="requests in flight, comma-separated")
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each point")
