@@ -494,7 +494,10 @@ def encode_reply_group(model: bytes, replies: Sequence[tuple[bytes, bytes, Seque
 
 
 def parse_reply_group(frames: Sequence[Any]) -> list[Reply]:
-    """Parse grouped replies as a DEALER client receives them (the empty frame first)."""
+    """Parse grouped replies as a DEALER client receives them (the empty frame first).
+
+    Replies with the same header bytes share one decoded header map: treat it as read-only.
+    """
     if len(frames) < 6 or frame_bytes(frames[0]) != b"" or frame_bytes(frames[1]) != CLIENT:
         raise ProtocolError("a grouped reply must start with '', 'MDPC01' and hold at least 6 frames")
     model = frame_bytes(frames[2])
@@ -502,6 +505,7 @@ def parse_reply_group(frames: Sequence[Any]) -> list[Reply]:
     if not isinstance(index, list) or not index:
         raise ProtocolError(f"grouped reply index must be a non-empty array, got {wire_type(index)}")
     replies, pos = [], 5
+    headers: dict[bytes, dict] = {}  # the replies of one batch mostly carry the same header: decoded once
     for entry in index:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], bytes) and _is_int(entry[1])
                 and 100 <= entry[1] <= 999 and _is_int(entry[2]) and entry[2] >= 1):
@@ -509,8 +513,12 @@ def parse_reply_group(frames: Sequence[Any]) -> list[Reply]:
         end = pos + entry[2]
         if end > len(frames):
             raise ProtocolError(f"grouped reply index counts more frames than the message has ({len(frames) - 5})")
-        replies.append(Reply(model, entry[0], _STATUS_BYTES.get(entry[1]) or str(entry[1]).encode(),
-                             unpack_header(frames[pos]), list(frames[pos + 1:end])))
+        raw = frame_bytes(frames[pos])
+        header = headers.get(raw)
+        if header is None:
+            header = headers[raw] = unpack_header(raw)
+        replies.append(Reply(model, entry[0], _STATUS_BYTES.get(entry[1]) or str(entry[1]).encode(), header,
+                             list(frames[pos + 1:end])))
         pos = end
     if pos != len(frames):
         raise ProtocolError(f"grouped reply: {len(frames) - pos} frames left after the replies the index counts")
