@@ -60,6 +60,8 @@ DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_HELD_BYTES = 512 * 1024 * 1024
 MAX_BATCH_ROWS = 1 << 16  # whatever a worker's READY claims
 MAX_PREFETCH = 8  # batches a worker may take ahead of the one it runs
+_HEADER_CACHE_SIZE = 1024  # distinct inference headers remembered (the cache starts over when full) ...
+_HEADER_CACHE_BYTES = 4096  # ... of at most this size each: a peer cannot make it hold much
 MAX_WORKERS_PER_MODEL = 256  # registrations past this are refused: peers cannot pile them up
 _METADATA = {"op": "metadata"}
 
@@ -136,6 +138,10 @@ class ModelEntry:
     @property
     def ready(self) -> int:
         return sum(1 for w in self.workers.values() if w.state is WorkerState.READY)
+
+    def has_ready(self) -> bool:
+        """Whether a replica is ready (``ready > 0`` without counting them all)."""
+        return any(w.state is WorkerState.READY for w in self.workers.values())
 
     @property
     def in_flight(self) -> int:
@@ -219,6 +225,9 @@ class PoolState:
         self._dirty: set[ModelEntry] = set()  # models whose queue or workers changed since dispatch()
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._seq = itertools.count()
+        # Inference headers seen lately, as received -> (header, batch key, rows, tensor frames): a
+        # client sends the same header again and again, and this skips decoding and checking it.
+        self._headers: dict[bytes, tuple[dict, Any, int, int]] = {}
         self._mmi = {
             protocol.MMI_SERVICE: self._mmi_service,
             protocol.MMI_MODELS: self._mmi_models,
@@ -279,6 +288,10 @@ class PoolState:
             self._reply_error(client, model, rid, InvalidInput("the broker could not handle this request"))
 
     def _client_message(self, client: bytes, frames: Sequence[Any]) -> None:
+        if len(frames) > 5:
+            known = self._headers.get(frames[4])
+            if known is not None and self._known_request(client, frames, known):
+                return
         if protocol.is_group(frames):
             self._client_group(client, frames)
             return
@@ -313,10 +326,32 @@ class PoolState:
         if key is None:  # metadata, answered from the READY cache
             self._reply(client, model, rid, protocol.OK, entry.metadata)
             return
+        if "op" not in header and len(frames[4]) <= _HEADER_CACHE_BYTES:
+            if len(self._headers) >= _HEADER_CACHE_SIZE:
+                self._headers.clear()
+            self._headers[frames[4]] = (header, key, rows, len(request.tensors))
         now = self.now()
         timeout_ms = header.get("timeout_ms")
         self._admit(entry, client, rid, [frames[4], *request.tensors], key, rows, now,
                     None if timeout_ms is None else now + timeout_ms / 1000.0, False)
+
+    def _known_request(self, client: bytes, frames: Sequence[Any], known: tuple[dict, Any, int, int]) -> bool:
+        """Admit a plain inference request whose header was decoded and checked before; False when
+        it is not one (the full path then parses it)."""
+        header, key, rows, tensors = known
+        rid = frames[3]
+        if (len(frames) != 5 + tensors or frames[0] != b"" or frames[1] != protocol.CLIENT
+                or not 0 < len(rid) <= protocol.MAX_ID_BYTES):
+            return False
+        entry = self.models.get(frames[2])
+        if entry is None:
+            return False
+        if not self._duplicate(client, rid):
+            now = self.now()
+            timeout_ms = header.get("timeout_ms")
+            self._admit(entry, client, rid, list(frames[4:]), key, rows, now,
+                        None if timeout_ms is None else now + timeout_ms / 1000.0, False)
+        return True
 
     def _duplicate(self, client: bytes, rid: bytes) -> bool:
         """A copy of a request still pending (a client resending after its connection dropped) is
@@ -411,6 +446,9 @@ class PoolState:
         return protocol.batch_key(header, tensors)
 
     def _admission_error(self, entry: ModelEntry, size: int) -> PoolError | None:
+        if (self.admitting and entry.queued < entry.max_queue and entry.held_bytes + size <= entry.max_queue_bytes
+                and self.held_bytes + size <= self.max_held_bytes and entry.has_ready()):
+            return None  # the common case, checked without building any message
         name = quote(entry.name)
         if not self.admitting:
             return Unavailable("the pool is shutting down and admits no new requests")

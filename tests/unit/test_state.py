@@ -1005,3 +1005,21 @@ def test_replies_answer_every_item_and_the_last_returns_the_credit(clock):
     assert [d[2] for d in dispatched(state)] == [b"r3"]
     entry = state.models[b"m"]
     assert (entry.served, entry.errors, len(state.workers[W1].inflight)) == (2, 1, 1)
+
+
+def test_a_known_header_is_taken_from_the_cache_and_still_checked_per_request(clock):
+    state = make_state(clock, "m", "n")
+    ready(state, W1, "m", max_batch_size=8, prefetch=0)
+    infer(state, ALICE, "m", b"r1", dispatch=False)
+    assert len(state._headers) == 1
+    infer(state, ALICE, "m", b"r2", dispatch=False)  # same header bytes: the cached decoding
+    infer(state, ALICE, "m", b"r2", dispatch=False)  # a second copy of a pending id is still dropped
+    infer(state, ALICE, "n", b"r3", dispatch=False)  # no replica of "n": still queued (none expected: 503)
+    assert only_error(state, ALICE, b"r3", b"503", Unavailable)
+    state.client_message(ALICE, protocol.encode_request("m", b"", {}, [b"x"])[:4] + [
+        next(iter(state._headers)), b"\0\0\x80?"])  # cached header, empty request-id: not taken as known
+    [(_, items)] = batches(state)
+    assert [i.rid for i in items] == [b"r1", b"r2"] and state.duplicates == 1
+    big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1]}], "parameters": {"pad": "x" * 5000}}
+    request(state, ALICE, "m", b"r4", big, [b"\0\0\x80?"])
+    assert len(state._headers) == 1, "a large header is not cached"
