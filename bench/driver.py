@@ -9,7 +9,7 @@ from pathlib import Path
 from bench import REPO
 from bench.measure import Row, log
 from bench.procs import install_signal_handlers, machine_info
-from bench.report import client_section, markdown, plot, versions, with_client_section
+from bench.report import markdown, plot, versions, with_kept_sections
 from bench.systems import ray_available, run_workload
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     text = markdown(rows, args, info, vers, command, notes, plots)
     print(text)
     if not args.no_write:
-        text = with_client_section(text, client_section(out.read_text()) if out.exists() else "")
+        text = with_kept_sections(text, out.read_text() if out.exists() else "")
         out.write_text(text)
         log(f"wrote {out} and {', '.join(plots.values())}")
     return 0

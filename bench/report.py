@@ -217,23 +217,34 @@ def plot(rows: list[Row], wl: str, path: Path) -> None:
     plt.close(fig)
 
 
-# The client micro-benchmark's section of the page: written by `scripts/client_bench.py --write`, kept when
-# `scripts/bench.py` rewrites the rest.
+# Sections of the page written by other scripts (`scripts/client_bench.py --write`,
+# `scripts/bench_clients.py --write`), kept when `scripts/bench.py` rewrites the rest.
 CLIENT_SECTION_START = "<!-- client_bench: begin -->"
 CLIENT_SECTION_END = "<!-- client_bench: end -->"
+CLIENTS_SECTION_START = "<!-- bench_clients: begin -->"
+CLIENTS_SECTION_END = "<!-- bench_clients: end -->"
+KEPT_SECTIONS = ((CLIENT_SECTION_START, CLIENT_SECTION_END), (CLIENTS_SECTION_START, CLIENTS_SECTION_END))
 
 
-def client_section(text: str) -> str:
-    """The client_bench section of a page, markers included ('' when it has none)."""
-    start, end = text.find(CLIENT_SECTION_START), text.find(CLIENT_SECTION_END)
+def section_of(text: str, start_marker: str = CLIENT_SECTION_START, end_marker: str = CLIENT_SECTION_END) -> str:
+    """A marked section of a page, markers included ('' when it has none)."""
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return ""
-    return text[start:end + len(CLIENT_SECTION_END)]
+    return text[start:end + len(end_marker)]
 
 
-def with_client_section(text: str, section: str) -> str:
-    """``text`` with its client_bench section replaced by ``section`` (appended when it has none)."""
-    old = client_section(text)
+def with_section(text: str, section: str, start_marker: str = CLIENT_SECTION_START,
+                 end_marker: str = CLIENT_SECTION_END) -> str:
+    """``text`` with its marked section replaced by ``section`` (appended when it has none)."""
+    old = section_of(text, start_marker, end_marker)
     if old:
         return text.replace(old, section)
     return text.rstrip("\n") + "\n\n" + section + "\n" if section else text
+
+
+def with_kept_sections(text: str, old_page: str) -> str:
+    """A freshly written page with the other scripts' sections of the old page carried over."""
+    for start, end in KEPT_SECTIONS:
+        text = with_section(text, section_of(old_page, start, end), start, end)
+    return text

@@ -1,6 +1,7 @@
 """The public Python clients next to the raw socket and the in-process baselines (issue 13's table).
 
     .venv/bin/python scripts/bench_clients.py                  # 3 runs of 5 s windows, prints markdown
+    .venv/bin/python scripts/bench_clients.py --write          # ... and puts it into docs/BENCHMARKS.md
     .venv/bin/python scripts/bench_clients.py --runs 1 --seconds 1 --skip-cnn   # smoke test
 
 One run: a pool of the ``tiny`` workload (2 replicas, max_batch_size 128) is driven at 128 requests in
@@ -14,6 +15,7 @@ per request come from ``/proc`` for this process (the client; its threads includ
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from bench.loadgen import GENERATORS, threadpool_load  # noqa: E402
 from bench.measure import log, perf, sequential  # noqa: E402
 from bench.pool import SERVING_SETTINGS, Pool  # noqa: E402
 from bench.procs import read_cpu_s  # noqa: E402
+from bench.report import CLIENTS_SECTION_END, CLIENTS_SECTION_START, with_section  # noqa: E402
 from bench.workloads import build_model, compiled_call, polymorphic_call, sample_input  # noqa: E402
 
 ORDER = ("dealer", "submit", "many", "async", "threads")
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--skip-cnn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true", help="put the table into docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     import keras
 
@@ -193,9 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         log(f"run {i + 1} of {args.runs}")
         runs.append(one_run(args, tmp, models))
-    print(summarize(runs, args.skip_cnn))
-    print(f"\ncommand: .venv/bin/python scripts/bench_clients.py --runs {args.runs} --seconds {args.seconds:g}"
-          + (" --skip-cnn" if args.skip_cnn else ""))
+    command = (f".venv/bin/python scripts/bench_clients.py --runs {args.runs} --seconds {args.seconds:g}"
+               + (" --skip-cnn" if args.skip_cnn else ""))
+    text = summarize(runs, args.skip_cnn)
+    print(text + f"\n\ncommand: `{command}`")
+    if args.write:
+        page = REPO / "docs" / "BENCHMARKS.md"
+        section = "\n".join([CLIENTS_SECTION_START, "## The public clients next to the raw socket "
+                              "(`scripts/bench_clients.py`)", "", f"Command: `{command} --write` (this machine: "
+                              f"{os.cpu_count()} cores, shared).", "", text, CLIENTS_SECTION_END])
+        page.write_text(with_section(page.read_text(), section, CLIENTS_SECTION_START, CLIENTS_SECTION_END))
+        log(f"wrote {page}")
     return 0
 
 

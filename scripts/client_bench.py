@@ -31,7 +31,7 @@ from modelpool.client import AsyncClient, Client  # noqa: E402
 from modelpool.modelproc.demo import load_samples  # noqa: E402
 
 from bench.pool import SERVING_SETTINGS, Pool  # noqa: E402
-from bench.report import CLIENT_SECTION_END, CLIENT_SECTION_START, with_client_section  # noqa: E402
+from bench.report import CLIENT_SECTION_END, CLIENT_SECTION_START, with_section  # noqa: E402
 
 MODEL = "digits"
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         page = REPO / "docs" / "BENCHMARKS.md"
         command = shlex.join([".venv/bin/python", "-m", "scripts.client_bench", *(sys.argv[1:] if argv is None else argv)])
-        page.write_text(with_client_section(page.read_text(), section(text, command)))
+        page.write_text(with_section(page.read_text(), section(text, command)))
     return 0
 
 
