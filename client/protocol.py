@@ -299,21 +299,41 @@ def check_tensor_meta(meta: Any) -> tuple[str, str, tuple[int, ...]]:
     return name, datatype, tuple(shape)
 
 
-def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Arrays (read-only views over the frames, no copy) for a header's tensor list."""
+# The last tensor list checked, by identity, and what checking it gave: replies in a group share one
+# decoded header (parse_reply_group), so their tensor lists are checked once.
+_last_checked: tuple[Any, list] = (None, [])
+
+
+def _checked(metas: Any) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, datatype, shape, element count) per entry of a header's tensor list, checked."""
+    global _last_checked
+    last = _last_checked
+    if last[0] is metas:
+        return last[1]
     if not isinstance(metas, (list, tuple)):
         raise ProtocolError(f"tensor list must be an array of maps, got {wire_type(metas)}")
-    if len(metas) != len(frames):
-        raise ProtocolError(f"header lists {len(metas)} tensors but {len(frames)} tensor frames follow")
-    out: dict[str, np.ndarray] = {}
-    for meta, frame in zip(metas, frames):
+    out, names = [], set()
+    for meta in metas:
         name, datatype, shape = check_tensor_meta(meta)
-        if name in out:
+        if name in names:
             raise ProtocolError(f"tensor {quote(name)} appears twice")
-        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+        names.add(name)
         count = 1
         for d in shape:
             count *= d
+        out.append((name, datatype, shape, count))
+    _last_checked = (metas, out)
+    return out
+
+
+def decode_tensors(metas: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Arrays (read-only views over the frames, no copy) for a header's tensor list."""
+    specs = _checked(metas)
+    if len(specs) != len(frames):
+        raise ProtocolError(f"header lists {len(specs)} tensors but {len(frames)} tensor frames follow")
+    out: dict[str, np.ndarray] = {}
+    for (name, datatype, shape, count), frame in zip(specs, frames):
+        buffer = frame.buffer if hasattr(frame, "buffer") else frame
         if datatype == "BYTES":
             out[name] = _decode_bytes(buffer, count, name).reshape(shape)
             continue

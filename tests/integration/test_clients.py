@@ -67,6 +67,7 @@ def test_async_gather_1000_predicts_on_one_client_each_answer_matches(pool, mode
             got = await asyncio.gather(*tasks)
             assert client._sock is sock, "every request went over the one socket"
             assert not client._pending
+            assert client._grouping, "the broker said it takes groups: the requests went out as groups"
             return got, peak
 
     got, peak = asyncio.run(run())
@@ -144,6 +145,39 @@ def test_async_errors_are_typed_and_management_calls_work(pool, models):
             return await client.predict("a", np.ones((1, 8), "float32"))
 
     np.testing.assert_allclose(asyncio.run(run()), _expected(models.keras["a"], np.ones((1, 8), "float32")), **TOL)
+
+
+def test_a_raw_group_gets_each_requests_answer_and_a_broken_one_leaves_the_pool_serving(pool, models):
+    """The group extension as another language would use it: one message, grouped replies back."""
+    xs = _rows(5, seed=21)
+    want = _want_rows(models, xs)
+    header = protocol.packb({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8]}], "timeout_ms": 20_000})
+    rids = [b"g%d" % i for i in range(5)]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.endpoint)
+    try:
+        sock.send_multipart(protocol.encode_request("mmi.health", b"h", {}))
+        assert sock.poll(20_000)
+        assert "group" in protocol.parse_reply(sock.recv_multipart()).header["extensions"]
+        broken = protocol.encode_request_group("a", header, [b"b1", b"b2"], [[xs[0].tobytes()]])  # a tensor short
+        sock.send_multipart(broken)
+        sock.send_multipart(protocol.encode_request_group("a", header, rids, [[x.tobytes()] for x in xs]))
+        answers = {}
+        while len(answers) < 7:
+            assert sock.poll(20_000), f"answers so far: {sorted(answers)}"
+            frames = sock.recv_multipart()
+            for reply in protocol.parse_reply_group(frames) if protocol.is_group(frames) else [protocol.parse_reply(frames)]:
+                answers[reply.rid] = reply
+    finally:
+        sock.close(0)
+        ctx.term()
+    for rid in (b"b1", b"b2"):
+        assert answers[rid].status == b"400" and "needs 2 tensor frames" in str(protocol.reply_error(answers[rid]))
+    for i, rid in enumerate(rids):
+        got = protocol.decode_tensors(answers[rid].header["outputs"], answers[rid].tensors)
+        np.testing.assert_allclose(next(iter(got.values()))[0], want[i], **TOL)
 
 
 def test_call_sends_wire_headers_and_raw_tensors_and_returns_errors_as_replies(pool, models):
