@@ -330,10 +330,8 @@ class PoolState:
             if len(self._headers) >= _HEADER_CACHE_SIZE:
                 self._headers.clear()
             self._headers[frames[4]] = (header, key, rows, len(request.tensors))
-        now = self.now()
-        timeout_ms = header.get("timeout_ms")
-        self._admit(entry, client, rid, [frames[4], *request.tensors], key, rows, now,
-                    None if timeout_ms is None else now + timeout_ms / 1000.0, False)
+        self._admit(entry, client, rid, [frames[4], *request.tensors], key, rows, self.now(),
+                    header.get("timeout_ms"), False)
 
     def _known_request(self, client: bytes, frames: Sequence[Any], known: tuple[dict, Any, int, int]) -> bool:
         """Admit a plain inference request whose header was decoded and checked before; False when
@@ -347,10 +345,7 @@ class PoolState:
         if entry is None:
             return False
         if not self._duplicate(client, rid):
-            now = self.now()
-            timeout_ms = header.get("timeout_ms")
-            self._admit(entry, client, rid, list(frames[4:]), key, rows, now,
-                        None if timeout_ms is None else now + timeout_ms / 1000.0, False)
+            self._admit(entry, client, rid, list(frames[4:]), key, rows, self.now(), header.get("timeout_ms"), False)
         return True
 
     def _duplicate(self, client: bytes, rid: bytes) -> bool:
@@ -364,8 +359,9 @@ class PoolState:
         return True
 
     def _admit(self, entry: ModelEntry, client: bytes, rid: bytes, body: list, key: Any, rows: int, now: float,
-               deadline: float | None, grouped: bool) -> None:
+               timeout_ms: float | None, grouped: bool) -> None:
         """Queue a valid request, or answer 429/503 when the model or the broker holds too much."""
+        deadline = None if timeout_ms is None else now + timeout_ms / 1000.0
         size = sum(len(f) for f in body)
         error = self._admission_error(entry, size)
         if error is not None:
@@ -410,12 +406,10 @@ class PoolState:
                     entry.failed_with(error.status)
                 self._reply_error(client, model, rid, error)
             return
-        now = self.now()
-        timeout_ms = header.get("timeout_ms")
-        deadline = None if timeout_ms is None else now + timeout_ms / 1000.0
+        now, timeout_ms = self.now(), header.get("timeout_ms")
         for rid, tensors in zip(group.rids, group.tensors):
             if not self._duplicate(client, rid):
-                self._admit(entry, client, rid, [group.header_frame, *tensors], key, rows, now, deadline, True)
+                self._admit(entry, client, rid, [group.header_frame, *tensors], key, rows, now, timeout_ms, True)
 
     def _malformed_group(self, client: bytes, frames: Sequence[Any], exc: PoolError) -> None:
         # Each request is answered when the ids frame can be read; otherwise the group is dropped (and logged).

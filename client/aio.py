@@ -56,7 +56,7 @@ from modelpool.client.base import (
 )
 from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout, Unavailable
 from modelpool.client.protocol import REPLY_TENSORS
-from modelpool.client.tracker import Tracker, lost_error, timeout_error
+from modelpool.client.tracker import Entry, Tracker, dropped, lost_error, resends, timeout_error
 from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -196,20 +196,13 @@ class AsyncClient:
             now = loop.time()
             if event == zmq.EVENT_DISCONNECTED:
                 self._grouping = False  # until the next broker says it takes groups
-                held, failed = self._tracker.connection_lost(now)
-                if held or failed:
-                    log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
-                                self.endpoint, len(held) + len(failed), len(held), len(failed))
-                for entry in failed:
+                for entry in dropped(self._tracker, now, self.endpoint):
                     _fail(entry.tag, lost_error(entry, self.endpoint))
                 self._arm()
             elif event == UP_EVENT:
                 self._queue(PROBE)
-                for entry in self._tracker.reconnected(now):
-                    if entry.tag.done():  # cancelled meanwhile
-                        self._tracker.discard(entry.rid)
-                    else:
-                        self._queue(entry.frames)
+                for entry in resends(self._tracker, now, _cancelled):
+                    self._queue(entry.frames)
 
     def _queue(self, frames: list) -> None:
         """Send a request: at once when it is the first of this turn of the loop, else with the flush."""
@@ -431,6 +424,11 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _cancelled(entry: Entry) -> bool:
+    """A request whose task was cancelled meanwhile: not sent again."""
+    return entry.tag.done()
 
 
 def _still_wanted(entry: Any) -> bool:

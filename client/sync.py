@@ -59,7 +59,7 @@ from modelpool.client.base import (
     wanted_outputs,
 )
 from modelpool.client.errors import PoolError, ProtocolError, RequestTimeout, Unavailable
-from modelpool.client.tracker import Entry, Tracker, lost_error, timeout_error
+from modelpool.client.tracker import Entry, Tracker, dropped, lost_error, resends, timeout_error
 from modelpool.client.protocol import REPLY_TENSORS
 from modelpool.client.transport import recv_frames, send_frames
 
@@ -185,18 +185,12 @@ class _Link:
         for event in connection_events(self.monitor):
             if event == zmq.EVENT_DISCONNECTED:
                 self.grouping = False  # until the next broker says it takes groups
-                held, failed = self.tracker.connection_lost(now)
-                if held or failed:
-                    log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
-                                self.endpoint, len(held) + len(failed), len(held), len(failed))
-                self.done.extend((entry, lost_error(entry, self.endpoint)) for entry in failed)
+                self.done.extend((entry, lost_error(entry, self.endpoint))
+                                 for entry in dropped(self.tracker, now, self.endpoint))
             elif event == UP_EVENT:
                 send_frames(self.sock, PROBE)
-                for entry in self.tracker.reconnected(now):
-                    if self.abandoned is not None and self.abandoned(entry):
-                        self.tracker.discard(entry.rid)
-                    else:
-                        send_frames(self.sock, entry.frames)
+                for entry in resends(self.tracker, now, self.abandoned):
+                    send_frames(self.sock, entry.frames)
 
     def close(self) -> None:
         """Close the socket and its monitor (linger 0)."""

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 from typing import Any, Callable
 
 from modelpool.client import protocol
 from modelpool.client.errors import RequestTimeout, Unavailable
+
+log = logging.getLogger(__name__)
 
 # Seconds the client waits past a request's deadline for the broker's 504 (or a reply that left just in
 # time) before giving up on its own. A constant, not a share of the timeout: what it covers is the
@@ -195,6 +198,27 @@ class Tracker:
             out.append(entry)
         self._held = [e for e in self._held if e.held]
         return out
+
+
+def dropped(tracker: Tracker, now: float, endpoint: str) -> list[Entry]:
+    """The connection dropped (``Tracker.connection_lost``, logged): the requests that fail now."""
+    held, failed = tracker.connection_lost(now)
+    if held or failed:
+        log.warning("lost the connection to %s with %d requests in flight: %d to resend, %d failed",
+                     endpoint, len(held) + len(failed), len(held), len(failed))
+    return failed
+
+
+def resends(tracker: Tracker, now: float, abandoned: Callable[[Entry], bool] | None) -> list[Entry]:
+    """The connection is up (``Tracker.reconnected``): the requests to send, without those nobody waits
+    for any more (``abandoned``), which are no longer tracked."""
+    out = []
+    for entry in tracker.reconnected(now):
+        if abandoned is not None and abandoned(entry):
+            tracker.discard(entry.rid)
+        else:
+            out.append(entry)
+    return out
 
 
 def _retimed(frames: list, left: float) -> list:
