@@ -36,6 +36,8 @@ def _announce(broker: object) -> None:
     state = broker.state  # type: ignore[attr-defined]
     endpoint = broker.frontend_endpoint  # type: ignore[attr-defined]
     lines = [f"modelpool listening on {endpoint}"]
+    metrics = broker.metrics_server  # type: ignore[attr-defined]
+    lines.append(f"metrics on {metrics.url}" if metrics is not None else "metrics off")
     for entry in state.models.values():
         status = f"{entry.ready}/{entry.expected} replicas ready"
         if entry.load_error:
@@ -54,6 +56,7 @@ def _announce(broker: object) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the pool in the foreground until SIGINT/SIGTERM."""
+    from modelpool.broker.exporter import MetricsError
     from modelpool.broker.server import Broker
 
     try:
@@ -66,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file with -c pool.toml, or --demo")
         if args.log_level:
             cfg = cfg.with_overrides(log_level=args.log_level)
+        cfg = cfg.with_metrics_port(args.metrics_port)
     except ConfigError as exc:
         print(f"modelpool: config error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         broker = Broker(cfg, on_ready=_announce)
     except Exception as exc:  # zmq.ZMQError for an address in use, mostly
         print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
+        return 1
+    try:
+        broker.start_metrics()
+    except MetricsError as exc:
+        broker.close()
+        print(f"modelpool: cannot start: {exc}", file=sys.stderr)
         return 1
     broker.install_signal_handlers()
     try:
@@ -249,6 +259,13 @@ def _add_client_options(parser: argparse.ArgumentParser, timeout: float) -> None
                         help=f"seconds to wait for the answer, one resend included (default: {timeout:g})")
 
 
+def _metrics_port(text: str) -> int:
+    try:
+        return pool_config.metrics_port_flag(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 or off, got {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -277,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="serve the bundled digits classifier")
     serve.add_argument("--frontend", help="client endpoint, e.g. tcp://127.0.0.1:5555 (overrides the config)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    serve.add_argument("--metrics-port", type=_metrics_port, metavar="PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: [metrics] host, "
+                       f"127.0.0.1 by default); 0 or off: no metrics (default: [metrics] port, "
+                       f"{pool_config.DEFAULT_METRICS_PORT})")
     serve.set_defaults(func=cmd_serve)
 
     fmt = argparse.RawDescriptionHelpFormatter

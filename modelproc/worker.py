@@ -109,6 +109,25 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{more}" if first else f"{type(exc).__name__}{more}"
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux /proc), or its peak (getrusage) elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 class Prepared(NamedTuple):
     """A request of a batch, checked and decoded, ready to be stacked with others."""
 
@@ -135,6 +154,9 @@ class Worker:
         self.metadata: dict = {}
         self.served = 0
         self.expired = 0
+        self.load_seconds: float | None = None
+        self.calls: list[list[int]] = []  # [rows, microseconds] per model call since the last REPLIES
+        self._memory_at = 0.0  # when resident memory is next reported
         self._reregister = False
         self._broker_lost_since: float | None = None
 
@@ -165,8 +187,9 @@ class Worker:
                         pad_to_bucket=self.spec.pad_to_bucket, imports=self.spec.imports)
         runner.warm_up()
         self.metadata = runner.metadata(self.spec.model, self.spec.version)
+        self.load_seconds = time.monotonic() - started
         log.info("model=%s loaded from %s in %.1fs (threads intra=%d inter=%d)", self.spec.model, self.spec.path,
-                 time.monotonic() - started, self.spec.intra_threads, self.spec.inter_threads)
+                 self.load_seconds, self.spec.intra_threads, self.spec.inter_threads)
         return runner
 
     def report_load_failure(self, reason: str) -> None:
@@ -179,6 +202,11 @@ class Worker:
     def _ready(self) -> None:
         info = {"version": self.spec.version, "max_batch_size": self.spec.max_batch_size,
                 "prefetch": self.spec.prefetch, "pid": os.getpid(), "metadata": self.metadata}
+        if self.load_seconds is not None:
+            info["load_seconds"] = round(self.load_seconds, 3)
+        rss = rss_bytes()
+        if rss is not None:
+            info["rss_bytes"] = rss
         # Re-registration uses the same connection: the broker's ROUTER refuses a second connection
         # with an identity it still has (no handover), and ZeroMQ reconnects this one by itself
         # when a broker restarts.
@@ -218,7 +246,7 @@ class Worker:
             self.running = False
             return
         if now - self.last_sent >= self.spec.heartbeat_interval:
-            self.socket.send_multipart(protocol.encode_heartbeat())
+            self.socket.send_multipart(protocol.encode_heartbeat(self._memory_report(now)))
             self.last_sent = now
         if now > self.broker_expiry and self.socket.poll(0, zmq.POLLIN):
             return  # messages wait after a long call: the broker is alive, the next drain reads them
@@ -235,6 +263,7 @@ class Worker:
             self._reregister = False
             self.batches.clear()  # the broker that sent them is gone or has re-queued them
             self.replies.clear()
+            self.calls.clear()
             self._ready()
 
     def _drain(self) -> None:
@@ -253,7 +282,7 @@ class Worker:
         self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
         self._broker_lost_since = None
         try:
-            command, fields = protocol.parse_worker_message(frames)
+            command, fields, _ = protocol.parse_worker_message(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from broker: %s", exc)
             return
@@ -355,10 +384,25 @@ class Worker:
         limit = self.spec.max_batch_size
         rows = inputs[0].shape[0]
         if rows <= limit:
-            return self.runner.run(inputs, key)
+            return self._timed_run(inputs, key)
         # one request larger than a batch: run it in slices of max_batch_size rows
-        parts = [self.runner.run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
+        parts = [self._timed_run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
         return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
+
+    def _timed_run(self, inputs: list, key: tuple) -> list:
+        """One model call, timed for the broker's metrics (a call that raises is not counted)."""
+        started = time.perf_counter()
+        results = self.runner.run(inputs, key)
+        self.calls.append([int(inputs[0].shape[0]), int((time.perf_counter() - started) * 1e6)])
+        return results
+
+    def _memory_report(self, now: float) -> dict | None:
+        """{"rss_bytes": ...} at most once per heartbeat interval (reading it costs a few syscalls)."""
+        if now < self._memory_at:
+            return None
+        self._memory_at = now + self.spec.heartbeat_interval
+        rss = rss_bytes()
+        return None if rss is None else {"rss_bytes": rss}
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
         self.replies.append(ReplyItem(client, rid, status, [protocol.packb(header), *tensors]))
@@ -367,10 +411,16 @@ class Worker:
         self.replies.append(ReplyItem(client, rid, error.status, [protocol.error_header(error)]))
 
     def _send_replies(self) -> None:
-        """Everything answered since the last call, in one REPLIES message."""
-        send_frames(self.socket, protocol.encode_replies(self.replies))
+        """Everything answered since the last call, in one REPLIES message, with the model calls that
+        produced it (and now and then the worker's memory) for the broker's metrics."""
+        now = time.monotonic()
+        stats = self._memory_report(now) or {}
+        if self.calls:
+            stats["calls"] = self.calls
+        send_frames(self.socket, protocol.encode_replies(self.replies, stats or None))
         self.replies = []
-        self.last_sent = time.monotonic()
+        self.calls = []
+        self.last_sent = now
 
 
 def add_arguments(parser: Any) -> None:
