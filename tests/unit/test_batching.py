@@ -214,3 +214,23 @@ def test_a_batch_read_late_is_aged_from_when_the_broker_sent_it(rig):
     replies = _replies(router, 2)
     assert replies[b"late"][0] == b"504" and replies[b"ok"][0] == b"200"
     assert worker.runner.calls == [1]
+
+
+def test_replies_report_each_model_call_that_returned_and_the_workers_memory(rig):
+    worker, router = rig
+    # three requests of 1 row and one of 20 rows (max_batch_size 8: three slices), one that raises
+    batches = [[_item(b"r%d" % i, np.full((1, 3), i, "float32")) for i in range(3)],
+               [_item(b"big", np.ones((20, 3), "float32"))], [_item(b"bad", np.full((1, 3), -1, "float32"))]]
+    stats = []
+    for items in batches:
+        _send(router, *items)
+        _settle(worker, 1)
+        assert router.poll(5000)
+        message = protocol.parse_worker_message(router.recv_multipart()[1:])
+        stats.append(message.stats)
+    assert [[rows for rows, _ in s.calls] for s in stats[:2]] == [[3], [8, 8, 4]]
+    assert stats[2] is None  # the call that raised is not counted; nothing else to say: no stats frame
+    assert all(0 <= us < 5_000_000 for s in stats[:2] for _, us in s.calls)
+    assert stats[0].rss_bytes > 10 << 20  # this Python process's resident memory, once per heartbeat interval
+    assert stats[1].rss_bytes is None
+    assert worker.calls == []
