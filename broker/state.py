@@ -36,7 +36,7 @@ from modelpool.client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from modelpool.client.protocol import BatchItem, ReplyItem, WorkerStats, describe, quote
+from modelpool.client.protocol import BatchItem, ReplyItem, describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -530,8 +530,11 @@ class PoolState:
         if worker is not None:
             worker.last_heard = self.now()
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
-            if stats is not None:
-                self._worker_stats(worker, stats)
+            if stats is not None:  # the model calls behind these replies, the worker's memory
+                if stats.calls:
+                    self.models[worker.model].metrics.executed(stats.calls)
+                if stats.rss_bytes is not None:
+                    worker.rss_bytes = stats.rss_bytes
         if command is protocol.Command.REPLIES:
             if worker is None:
                 self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
@@ -618,15 +621,6 @@ class PoolState:
         else:
             entry.metrics.failed(reason_of_status(item.status), took)
         self._reply(item.client, worker.model, item.rid, item.status, item.body[0], item.body[1:])
-
-    def _worker_stats(self, worker: Worker, stats: WorkerStats) -> None:
-        """A worker's report with its REPLIES or HEARTBEAT: model calls it ran, its memory."""
-        if stats.calls:
-            executed = self.models[worker.model].metrics.executed
-            for rows, micros in stats.calls:
-                executed(rows, micros / 1e6)
-        if stats.rss_bytes is not None:
-            worker.rss_bytes = stats.rss_bytes
 
     def _settle_batch(self, worker: Worker, pending: Pending, entry: ModelEntry) -> None:
         """One request of a batch is answered; the last one returns the worker's credit."""

@@ -520,7 +520,7 @@ def test_replies_carry_the_model_calls_and_memory_in_a_last_stats_frame():
     assert len(frames) == 4 + 8 + 1 and msgpack.unpackb(frames[-1]) == stats
     message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 3 else f for i, f in enumerate(frames)])
     assert [(i.rid, i.status) for i in message.fields] == [(RID, b"200"), (b"2", b"504")]
-    assert message.stats == protocol.WorkerStats(((8, 1250), (3, 0)), 123 << 20)
+    assert message.stats == protocol.WorkerStats([[8, 1250], [3, 0]], 123 << 20)
     # without a stats frame, as before; an empty map or nil values mean nothing to report
     assert protocol.parse_worker_message(protocol.encode_replies(items)).stats is None
     assert protocol.parse_worker_message(protocol.encode_replies(items, {})).stats == protocol.WorkerStats((), None)
@@ -659,3 +659,9 @@ def test_worked_example_header_matches_the_spec():
         "82 a6 69 6e 70 75 74 73 91 83 a4 6e 61 6d 65 a6 70 69 78 65 6c 73 a8 64 61 74 61 74 79 70 65 a4 "
         "46 50 33 32 a5 73 68 61 70 65 92 01 40 aa 74 69 6d 65 6f 75 74 5f 6d 73 cd 03 e8"
     )
+
+
+def test_stats_example_of_the_spec_packs_as_written():
+    packed = protocol.packb({"calls": [[8, 2150]], "rss_bytes": 412000256})
+    assert packed.hex(" ") == "82 a5 63 61 6c 6c 73 91 92 08 cd 08 66 a9 72 73 73 5f 62 79 74 65 73 ce 18 8e a0 00"
+    assert protocol.parse_stats(packed, "REPLIES") == protocol.WorkerStats([[8, 2150]], 412000256)
