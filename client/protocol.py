@@ -38,8 +38,9 @@ Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the ident
     sizes      one little-endian uint32 per reply: how many frames it has (4 + tensors). The frames
                after the replies: none, or one stats frame.
     stats      msgpack map {"calls": [[rows, compute_us], ...], "rss_bytes": int}, both optional: the
-               model calls that produced these replies (rows >= 1, microseconds), and the worker's
-               resident memory. The broker's metrics (compute time, batch sizes, memory) come from it.
+               model calls run since the last report (rows >= 1, microseconds), and the worker's
+               resident memory; with a REPLIES or a HEARTBEAT. The broker's metrics (compute time,
+               batch sizes, memory) come from it.
 
     Credit: the broker sends a worker at most 1 + prefetch BATCH messages that it has not answered
     in full (every request of a BATCH answered once, in one REPLIES or several). The requests of a

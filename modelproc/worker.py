@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 EXIT_LOAD_FAILED = 3
 _PR_SET_PDEATHSIG = 1
+# Model calls are reported to the broker (REPLIES stats) at most this often, gathered in between:
+# a stats frame costs the broker a few microseconds to read, which at one request per REPLIES would
+# be a tenth of its cost per request; a worker with nothing to run sends what it holds in a HEARTBEAT.
+STATS_EVERY = 0.01
+_MAX_HELD_CALLS = 4096  # sent sooner when this many calls are held
 
 
 def main(spec: WorkerSpec) -> None:
@@ -155,7 +160,8 @@ class Worker:
         self.served = 0
         self.expired = 0
         self.load_seconds: float | None = None
-        self.calls: list[list[int]] = []  # [rows, microseconds] per model call since the last REPLIES
+        self.calls: list[list[int]] = []  # [rows, microseconds] per model call not reported yet
+        self._calls_at = 0.0  # when held calls may next go out with a REPLIES
         self._memory_at = 0.0  # when resident memory is next reported
         self._reregister = False
         self._broker_lost_since: float | None = None
@@ -226,7 +232,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while self.running:
-            if self.batches or poller.poll(interval * 1000):
+            if self.batches or poller.poll(self._poll_ms(interval)):
                 self._drain()
             if self.batches:
                 self._run_batch(*self.batches.popleft())
@@ -245,8 +251,9 @@ class Worker:
             log.error("launcher pid=%d is gone; exiting", self.spec.parent_pid)
             self.running = False
             return
-        if now - self.last_sent >= self.spec.heartbeat_interval:
-            self.socket.send_multipart(protocol.encode_heartbeat(self._memory_report(now)))
+        idle_with_calls = self.calls and not self.batches and now >= self._calls_at
+        if idle_with_calls or now - self.last_sent >= self.spec.heartbeat_interval:
+            self.socket.send_multipart(protocol.encode_heartbeat(self._stats(now, calls=True)))
             self.last_sent = now
         if now > self.broker_expiry and self.socket.poll(0, zmq.POLLIN):
             return  # messages wait after a long call: the broker is alive, the next drain reads them
@@ -396,13 +403,26 @@ class Worker:
         self.calls.append([int(inputs[0].shape[0]), int((time.perf_counter() - started) * 1e6)])
         return results
 
-    def _memory_report(self, now: float) -> dict | None:
-        """{"rss_bytes": ...} at most once per heartbeat interval (reading it costs a few syscalls)."""
-        if now < self._memory_at:
-            return None
-        self._memory_at = now + self.spec.heartbeat_interval
-        rss = rss_bytes()
-        return None if rss is None else {"rss_bytes": rss}
+    def _poll_ms(self, interval: float) -> float:
+        """How long the idle loop waits for a message: a heartbeat interval, or until held calls are due."""
+        if not self.calls:
+            return interval * 1000
+        return min(interval, max(0.0, self._calls_at - time.monotonic())) * 1000
+
+    def _stats(self, now: float, calls: bool) -> dict | None:
+        """The stats frame's map: the held model calls when ``calls`` says so, the resident memory once
+        per heartbeat interval (reading it costs a few syscalls); None when there is nothing to say."""
+        stats = {}
+        if now >= self._memory_at:
+            self._memory_at = now + self.spec.heartbeat_interval
+            rss = rss_bytes()
+            if rss is not None:
+                stats["rss_bytes"] = rss
+        if calls and self.calls:
+            stats["calls"] = self.calls
+            self.calls = []
+            self._calls_at = now + STATS_EVERY
+        return stats or None
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
         self.replies.append(ReplyItem(client, rid, status, [protocol.packb(header), *tensors]))
@@ -411,15 +431,12 @@ class Worker:
         self.replies.append(ReplyItem(client, rid, error.status, [protocol.error_header(error)]))
 
     def _send_replies(self) -> None:
-        """Everything answered since the last call, in one REPLIES message, with the model calls that
-        produced it (and now and then the worker's memory) for the broker's metrics."""
+        """Everything answered since the last call, in one REPLIES message, with the model calls run
+        since the last report when STATS_EVERY has passed (and now and then the worker's memory)."""
         now = time.monotonic()
-        stats = self._memory_report(now) or {}
-        if self.calls:
-            stats["calls"] = self.calls
-        send_frames(self.socket, protocol.encode_replies(self.replies, stats or None))
+        due = now >= self._calls_at or len(self.calls) >= _MAX_HELD_CALLS
+        send_frames(self.socket, protocol.encode_replies(self.replies, self._stats(now, calls=due)))
         self.replies = []
-        self.calls = []
         self.last_sent = now
 
 

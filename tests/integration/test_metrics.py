@@ -52,9 +52,14 @@ def test_scraped_counters_and_histograms_equal_the_requests_sent(mpool):
         assert mpool.client.predict("a", x).shape == (len(x), 4)
     results = mpool.client.predict_many("a", xs[8:])  # pipelined: batches of several requests
     assert [len(r) for r in results] == sizes[8:]
-    a = mpool.models()["a"]
-    samples = scrape(mpool)
     labels = {"model": "a", "version": "1"}
+
+    def reported() -> tuple[dict, dict] | None:
+        """The worker reports its model calls at most every 10 ms: wait for the last ones."""
+        samples, a = scrape(mpool), mpool.models()["a"]
+        return (samples, a) if value(samples, "modelpool_executions_total", **labels) == a["batches"] else None
+
+    samples, a = wait_until(reported, 10.0, what="executions equal to the batches sent")
     assert value(samples, "modelpool_request_success_total", **labels) == 24 == a["success"] == a["served"]
     for reason in ("invalid_input", "queue_full", "model_error", "worker_crashed", "unavailable", "timeout"):
         assert value(samples, "modelpool_request_failure_total", reason=reason, **labels) == 0
@@ -120,6 +125,9 @@ def test_a_429_and_a_504_show_up_under_their_reasons(mpool):
     # the 504 waited about 300 ms from its admission; the refusal never waited
     assert value(samples, "modelpool_request_duration_seconds_count", outcome="failure", **labels) == 1
     assert 0.29 < value(samples, "modelpool_request_duration_seconds_sum", outcome="failure", **labels) < SLEEP
+    wait_until(lambda: value(scrape(mpool), "modelpool_executions_total", **labels) == 1, 10.0,
+               what="the slow call reported")
+    samples = scrape(mpool)
     assert value(samples, "modelpool_compute_duration_seconds_sum", **labels) >= SLEEP * 0.9
     assert value(samples, "modelpool_compute_duration_seconds_bucket", le="1.0", **labels) == 0
     summary = mpool.models()["sleepy"]
