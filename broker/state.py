@@ -21,10 +21,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from modelpool.broker import metrics
 from modelpool.broker.batcher import DONE, INFLIGHT, QUEUED, Batch, Batcher, Pending
 from modelpool.broker.logutil import LogLimiter
-from modelpool.broker.metrics import ModelMetrics, ModelSnapshot, reason_of_error, reason_of_status
+from modelpool.broker.metrics import (
+    REASONS,
+    TIMEOUT,
+    WORKER_CRASHED,
+    ModelMetrics,
+    ModelSnapshot,
+    reason_of_error,
+    reason_of_status,
+)
 from modelpool.client import protocol
 from modelpool.client.errors import (
     InvalidInput,
@@ -217,7 +224,7 @@ class ModelEntry:
         return {
             "success": m.success,
             "failed": m.failed_total,
-            "failures": dict(zip(metrics.REASONS, m.failures)),
+            "failures": dict(zip(REASONS, m.failures)),
             "request_seconds": round(m.request_ok.sum, 6),
             "failed_request_seconds": round(m.request_failed.sum, 6),
             "executions": m.compute.count,
@@ -235,7 +242,7 @@ class ModelEntry:
         workers = list(self.workers.values())
         return ModelSnapshot(
             name=self.name.decode(errors="replace"), version=self.version, success=m.success,
-            failures=dict(zip(metrics.REASONS, list(m.failures))), histograms=m.histograms(),
+            failures=dict(zip(REASONS, list(m.failures))), histograms=m.histograms(),
             pending=self.queued, in_flight=sum(len(w.inflight) for w in workers), queue_bytes=self.held_bytes,
             replicas_ready=sum(1 for w in workers if w.state is WorkerState.READY),
             replicas_starting=self.starting, replicas_expected=self.expected, load_failures=self.failed,
@@ -664,7 +671,7 @@ class PoolState:
                 suspects.append(pending)
             elif pending.crashes >= 1:
                 entry.crashed += 1
-                entry.metrics.failed(metrics.WORKER_CRASHED, self.now() - pending.admitted)
+                entry.metrics.failed(WORKER_CRASHED, self.now() - pending.admitted)
                 self._done(entry, pending)
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
                     f"request crashed a worker of model {quote(entry.name)} ({reason}) while it ran alone, "
@@ -800,7 +807,7 @@ class PoolState:
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
         self._done(entry, pending)
-        entry.metrics.failed(metrics.TIMEOUT, self.now() - pending.admitted)
+        entry.metrics.failed(TIMEOUT, self.now() - pending.admitted)
         entry.expired += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
             f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
