@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,14 +56,23 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(path: Path, models: list[dict], **pool: Any) -> Path:
-    """A pool.toml with a ``[pool]`` table and one ``[[models]]`` table per model."""
+def write_config(path: Path, models: list[dict], metrics: Mapping[str, Any] | None = None, **pool: Any) -> Path:
+    """A pool.toml with a ``[pool]`` table, a ``[metrics]`` table if given and one ``[[models]]`` table per model."""
     lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
+    if metrics is not None:
+        lines += ["\n[metrics]"] + [f"{k} = {toml_value(v)}" for k, v in metrics.items()]
     for model in models:
         lines.append("\n[[models]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in model.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the launcher binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def process_alive(pid: int) -> bool:
@@ -78,15 +88,21 @@ class Pool:
     """A launcher process serving some models on a private ipc:// frontend (unless ``frontend`` is given).
 
     ``settings`` are ``[pool]`` defaults under the keyword arguments: ``TEST_SETTINGS`` (fast heartbeats)
-    for tests, ``SERVING_SETTINGS`` (the pool's own defaults) for measurements.
+    for tests, ``SERVING_SETTINGS`` (the pool's own defaults) for measurements. ``metrics`` is the
+    ``[metrics]`` table; by default the pool serves them on a free loopback port (``metrics_url``), so
+    that pools side by side never race for the default port.
     """
 
     def __init__(self, models: list[dict], *, ready_timeout: float = 180.0, wait_ready: bool = True,
-                 settings: Mapping[str, Any] = TEST_SETTINGS, **pool: Any) -> None:
+                 settings: Mapping[str, Any] = TEST_SETTINGS, metrics: Mapping[str, Any] | None = None,
+                 **pool: Any) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
         self.endpoint = pool.pop("frontend", f"ipc://{self.dir}/front.ipc")
         pool = {**settings, **pool}
-        self.config = write_config(self.dir / "pool.toml", models, frontend=self.endpoint, **pool)
+        metrics = {"port": free_port(), **(metrics or {})}
+        self.metrics_url = (f"http://{metrics.get('host', '127.0.0.1')}:{metrics['port']}/metrics"
+                            if metrics.get("enabled", True) else None)
+        self.config = write_config(self.dir / "pool.toml", models, metrics, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")
         self._final_log: str | None = None  # kept by stop(), which removes the directory

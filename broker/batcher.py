@@ -24,7 +24,7 @@ QUEUED, INFLIGHT, DONE = 0, 1, 2
 class Pending:
     """One client request held by the broker, from admission until it is answered."""
 
-    __slots__ = ("client", "rid", "model", "body", "deadline", "size", "rows", "key", "arrived", "seq",
+    __slots__ = ("client", "rid", "model", "body", "deadline", "size", "rows", "key", "arrived", "admitted", "seq",
                  "crashes", "where", "batch", "grouped")
 
     def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, *, deadline: float | None = None,
@@ -38,7 +38,8 @@ class Pending:
         self.size = size  # payload bytes held for it until it is answered
         self.rows = rows
         self.key = key  # requests with equal keys can run in one call
-        self.arrived = arrived
+        self.arrived = arrived  # when it last joined a queue: admission, or re-queueing after a worker died
+        self.admitted = arrived  # when the broker admitted it: request duration counts from here
         self.seq = seq  # admission order: the oldest request decides which lane goes next
         self.crashes = 0  # workers that died with it in flight
         self.where = QUEUED

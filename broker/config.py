@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_METRICS_PORT = 8002  # Triton's metrics port
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -65,6 +66,39 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (`[metrics]`): http://host:port/metrics, served by the broker process."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"metrics.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.host, str) or not self.host or any(c in self.host for c in "/[] \t"):
+            raise ConfigError(f"metrics.host must be an IP address or host name like 127.0.0.1, got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"metrics.port must be an integer from 1 to 65535, got {self.port!r} "
+                              "(set metrics.enabled = false to serve no metrics)")
+
+    @property
+    def local(self) -> bool:
+        """True when only this host can reach it (a loopback address)."""
+        return _is_local(f"tcp://{self.host}:{self.port}")
+
+
+def metrics_port_flag(text: str) -> int:
+    """The value of --metrics-port: a port number, or 0 for "off" (argparse type; ValueError otherwise)."""
+    if text.strip().lower() == "off":
+        return 0
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return port
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """The whole pool: endpoints, timings and models."""
 
@@ -83,6 +117,7 @@ class PoolConfig:
     insecure_network: bool = False  # allow non-loopback tcp binds (no CurveZMQ yet: unencrypted)
     exit_on_error: bool = True  # a model that fails to load at start stops the pool (Triton's --exit-on-error)
     mmi_detail: bool = False  # mmi.models answers {"detail": true} with worker ids and pids (operators)
+    metrics: MetricsConfig = MetricsConfig()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -111,6 +146,13 @@ class PoolConfig:
                 f"pool.backend {self.backend!r} is a tcp:// endpoint: with no CurveZMQ yet, anything that can "
                 "connect to it can register as a worker and receive requests; set pool.insecure_network = true "
                 "to accept that (remote workers on a trusted network), or leave backend unset for a private ipc://")
+        if not isinstance(self.metrics, MetricsConfig):
+            raise ConfigError(f"metrics must be a table: [metrics], got {self.metrics!r}")
+        if self.metrics.enabled and not self.metrics.local and not self.insecure_network:
+            raise ConfigError(
+                f"metrics.host {self.metrics.host!r} is not a loopback address: the metrics endpoint has no "
+                "authentication, and its figures (models, request rates) are for the operator; bind to "
+                "127.0.0.1 or [::1], or set pool.insecure_network = true on a trusted network")
         _positive_int(self.max_message_bytes, "pool.max_message_bytes")
         _positive_int(self.max_queued_bytes, "pool.max_queued_bytes")
         if self.max_queued_bytes < self.max_message_bytes:
@@ -132,6 +174,13 @@ class PoolConfig:
         """A copy with some pool keys replaced (CLI flags), validated again."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def with_metrics_port(self, port: int | None) -> PoolConfig:
+        """A copy serving metrics on another port (--metrics-port); 0 turns them off, None changes nothing."""
+        if port is None:
+            return self
+        metrics = replace(self.metrics, enabled=False) if port == 0 else replace(self.metrics, enabled=True, port=port)
+        return replace(self, metrics=metrics)
+
 
 def _is_local(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
@@ -152,13 +201,14 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models"}
+_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", "metrics"}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+_METRICS_KEYS = {f.name for f in fields(MetricsConfig)}
 
 
 def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     """Build a PoolConfig from parsed TOML; model paths are relative to ``base_dir``."""
-    _check_keys(data, {"pool", "models"}, "top level")
+    _check_keys(data, {"pool", "models", "metrics"}, "top level")
     pool = data.get("pool", {})
     if not isinstance(pool, dict):
         raise ConfigError("pool must be a table: [pool]")
@@ -166,6 +216,10 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     tables = data.get("models", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("models must be an array of tables: [[models]]")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ConfigError("metrics must be a table: [metrics]")
+    _check_keys(metrics, _METRICS_KEYS, "[metrics]")
     models = []
     for i, table in enumerate(tables):
         _check_keys(table, _MODEL_KEYS, f"[[models]] #{i + 1}")
@@ -179,7 +233,7 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
         imports = tuple(imports) if isinstance(imports, list) else imports
         models.append(ModelConfig(**{**table, "path": str(path), "imports": imports}))
     try:
-        return PoolConfig(models=tuple(models), **pool)
+        return PoolConfig(models=tuple(models), metrics=MetricsConfig(**metrics), **pool)
     except TypeError as exc:  # wrong value types reaching dataclass defaults
         raise ConfigError(str(exc)) from None
 

@@ -108,6 +108,7 @@ class Broker:
         self._trimmer = _Trimmer()
         self.signals: list[int] = []
         self.exit_code = 0
+        self.metrics_server = None  # broker.exporter.MetricsServer, once start_metrics() has run
         self.ctx = zmq.Context()
         self.frontend = self._router(config.frontend, config.max_message_bytes)
         self.backend = self._router(backend, config.max_message_bytes)
@@ -127,6 +128,20 @@ class Broker:
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(endpoint)
         return sock
+
+    def start_metrics(self) -> str | None:
+        """Serve /metrics as the config says, on a daemon thread; its URL, or None when turned off.
+
+        Raises broker.exporter.MetricsError (the port is taken, prometheus_client is missing), with
+        the port and the flag to change in its message.
+        """
+        if not self.config.metrics.enabled:
+            return None
+        from modelpool.broker.exporter import MetricsServer  # prometheus_client: only when metrics are on
+
+        self.metrics_server = MetricsServer(self.config.metrics.host, self.config.metrics.port,
+                                            self.state.metrics_snapshot)
+        return self.metrics_server.url
 
     # --- signals -------------------------------------------------------------------------
 
@@ -267,6 +282,8 @@ class Broker:
         reason = self.supervisor.reap(slot)
         if reason is None:
             return False
+        if not self.supervisor.stopping:
+            self.state.count_restart(slot.model.name)
         if identity in self.state.workers:
             self.state.worker_lost(identity, f"worker process {reason}")
         elif never_ready and not self.supervisor.stopping and process.exitcode != EXIT_LOAD_FAILED:
@@ -346,6 +363,9 @@ class Broker:
         """Close sockets, terminate the context, remove the private ipc directory."""
         if self.supervisor is not None:
             self.supervisor.kill_all()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         self.ctx.term()

@@ -23,6 +23,15 @@ from typing import Any, Callable, Sequence
 
 from modelpool.broker.batcher import DONE, INFLIGHT, QUEUED, Batch, Batcher, Pending
 from modelpool.broker.logutil import LogLimiter
+from modelpool.broker.metrics import (
+    REASONS,
+    TIMEOUT,
+    WORKER_CRASHED,
+    ModelMetrics,
+    ModelSnapshot,
+    reason_of_error,
+    reason_of_status,
+)
 from modelpool.client import protocol
 from modelpool.client.errors import (
     InvalidInput,
@@ -85,6 +94,8 @@ class Worker:
     solo: bool = False  # runs a request that was in flight on a worker that died: nothing else meanwhile
     batches_sent: int = 0
     rows_sent: int = 0
+    load_seconds: float | None = None  # from READY: how long the model took to load and warm up
+    rss_bytes: int | None = None  # resident memory, from READY and the stats of REPLIES and HEARTBEAT
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -119,16 +130,40 @@ class ModelEntry:
     metadata: dict | None = None
     version: str = ""
     wake_at: float | None = None  # a batch waits for more rows (max_delay) until then
-    served: int = 0
-    errors: int = 0  # answered 5xx: the model raised, crashed, timed out or was unavailable
-    client_errors: int = 0  # answered 4xx: bad requests and 429s are not the model's failures
+    # Outcomes, request/queue/compute time and batch sizes (broker.metrics): what `served`, `errors`,
+    # `client_errors`, `dispatched` and `queue_seconds` read.
+    metrics: ModelMetrics = field(default_factory=ModelMetrics)
     retried: int = 0
     crashed: int = 0
     expired: int = 0  # answered 504 by the broker before they reached a worker
-    dispatched: int = 0  # requests sent to workers (retries included)
-    queue_seconds: float = 0.0  # summed over dispatched requests: admission (or requeue) to dispatch
-    batches: int = 0
+    batches: int = 0  # BATCH messages sent, and their rows
     batch_rows: int = 0
+    load_seconds: float | None = None  # the last READY's load time
+
+    @property
+    def served(self) -> int:
+        """Requests answered 200."""
+        return self.metrics.success
+
+    @property
+    def errors(self) -> int:
+        """Requests answered 5xx: the model raised, crashed, timed out or was unavailable."""
+        return self.metrics.errors
+
+    @property
+    def client_errors(self) -> int:
+        """Requests answered 4xx: bad requests and 429s are not the model's failures."""
+        return self.metrics.client_errors
+
+    @property
+    def dispatched(self) -> int:
+        """Requests sent to workers (retries included)."""
+        return self.metrics.queue.count
+
+    @property
+    def queue_seconds(self) -> float:
+        """Summed over dispatched requests: admission (or requeue) to dispatch."""
+        return self.metrics.queue.sum
 
     @property
     def queued(self) -> int:
@@ -147,12 +182,11 @@ class ModelEntry:
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
 
-    def failed_with(self, status: bytes) -> None:
-        """Count one request answered with an error status, client (4xx) or server (5xx) side."""
-        if status[:1] == b"4":
-            self.client_errors += 1
-        else:
-            self.errors += 1
+    @property
+    def memory_bytes(self) -> int | None:
+        """Resident memory of the registered workers, summed; None while none has said."""
+        sizes = [w.rss_bytes for w in list(self.workers.values()) if w.rss_bytes is not None]
+        return sum(sizes) if sizes else None
 
     def summary(self, detail: bool = False) -> dict:
         """The model's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
@@ -180,13 +214,47 @@ class ModelEntry:
             "batches": self.batches,
             "batch_rows": self.batch_rows,
             "load_error": self.load_error,
+            **self._metrics_summary(),
             "workers": [
                 {**({"id": w.identity.decode(errors="replace"), "pid": w.pid} if detail else {}),
                  "state": w.state.value, "max_batch_size": w.max_rows, "prefetch": w.slots - 1,
-                 "in_flight": len(w.inflight), "batches": w.batches_sent, "rows": w.rows_sent}
+                 "in_flight": len(w.inflight), "batches": w.batches_sent, "rows": w.rows_sent,
+                 "load_seconds": w.load_seconds, "rss_bytes": w.rss_bytes}
                 for w in self.workers.values()
             ],
         }
+
+    def _metrics_summary(self) -> dict:
+        """The summed numbers of broker.metrics (Triton's statistics extension is built from these)."""
+        m = self.metrics
+        return {
+            "success": m.success,
+            "failed": m.failed_total,
+            "failures": dict(zip(REASONS, m.failures)),
+            "request_seconds": round(m.request_ok.sum, 6),
+            "failed_request_seconds": round(m.request_failed.sum, 6),
+            "executions": m.compute.count,
+            "inferences": int(m.batch.sum),
+            "compute_seconds": round(m.compute.sum, 6),
+            "worker_restarts": m.restarts,
+            "load_seconds": self.load_seconds,
+            "memory_bytes": self.memory_bytes,
+        }
+
+    def snapshot(self) -> ModelSnapshot:
+        """A copy of the model's metrics; safe to take from another thread (the scrape's) while the
+        broker's loop counts, as every container is copied in one step under the GIL."""
+        m = self.metrics
+        workers = list(self.workers.values())
+        return ModelSnapshot(
+            name=self.name.decode(errors="replace"), version=self.version, success=m.success,
+            failures=dict(zip(REASONS, list(m.failures))), histograms=m.histograms(),
+            pending=self.queued, in_flight=sum(len(w.inflight) for w in workers), queue_bytes=self.held_bytes,
+            replicas_ready=sum(1 for w in workers if w.state is WorkerState.READY),
+            replicas_starting=self.starting, replicas_expected=self.expected, load_failures=self.failed,
+            restarts=m.restarts, retried=self.retried, load_seconds=self.load_seconds,
+            memory_bytes=self.memory_bytes,
+        )
 
 
 class PoolState:
@@ -206,6 +274,7 @@ class PoolState:
     ) -> None:
         self.mmi_detail = mmi_detail
         self.now = now
+        self.started_at = now()
         self.wall = wall  # Unix time, sent with each batch so that a worker can age what it reads late
         self.max_held_bytes = max_held_bytes
         self.limited = LogLimiter(log, now=now)  # for every line a peer can cause at will
@@ -232,6 +301,7 @@ class PoolState:
             protocol.MMI_SERVICE: self._mmi_service,
             protocol.MMI_MODELS: self._mmi_models,
             protocol.MMI_HEALTH: self._mmi_health,
+            protocol.MMI_METRICS: self._mmi_metrics,
         }
 
     # --- configuration -------------------------------------------------------------------
@@ -320,7 +390,7 @@ class PoolState:
             _check_options(header)
             key, rows = self._route(entry, header, len(request.tensors))
         except PoolError as exc:
-            entry.failed_with(exc.status)
+            entry.metrics.failed(reason_of_error(exc))
             self._reply_error(client, model, rid, exc)
             return
         if key is None:  # metadata, answered from the READY cache
@@ -365,7 +435,7 @@ class PoolState:
         size = sum(len(f) for f in body)
         error = self._admission_error(entry, size)
         if error is not None:
-            entry.failed_with(error.status)
+            entry.metrics.failed(reason_of_error(error))
             self._reply_error(client, entry.name, rid, error)
             return
         pending = Pending(client, rid, entry.name, body, deadline=deadline, size=size, rows=rows, key=key,
@@ -403,7 +473,7 @@ class PoolState:
         if error is not None:
             for rid in group.rids:
                 if entry is not None:
-                    entry.failed_with(error.status)
+                    entry.metrics.failed(reason_of_error(error))
                 self._reply_error(client, model, rid, error)
             return
         now, timeout_ms = self.now(), header.get("timeout_ms")
@@ -515,6 +585,23 @@ class PoolState:
     def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:
         self._reply(client, protocol.MMI_HEALTH, rid, protocol.OK, self.health())
 
+    def _mmi_metrics(self, client: bytes, rid: bytes, header: dict) -> None:
+        body = {"uptime_seconds": round(self.now() - self.started_at, 3), "models": [
+            {"name": e.name.decode(errors="replace"), "version": e.version,
+             "histograms": {k: h.to_wire() for k, h in e.metrics.histograms().items()}}
+            for e in self.models.values()]}
+        self._reply(client, protocol.MMI_METRICS, rid, protocol.OK, body)
+
+    def metrics_snapshot(self) -> list[ModelSnapshot]:
+        """Every model's metrics, copied (the Prometheus collector calls this from its own thread)."""
+        return [entry.snapshot() for entry in list(self.models.values())]
+
+    def count_restart(self, model: str) -> None:
+        """The launcher restarts a local worker of the model (it exited, crashed or failed to load)."""
+        entry = self.models.get(model.encode())
+        if entry is not None:
+            entry.metrics.restarts += 1
+
     def health(self) -> dict:
         """Liveness and readiness: ready when every model has a live replica."""
         models = {m.decode(errors="replace"): e.ready > 0 for m, e in self.models.items()}
@@ -541,11 +628,16 @@ class PoolState:
             self.limited.warning("malformed worker messages", "dropped malformed worker message worker=%s: %s",
                                  quote(identity), exc)
             return
-        command, fields = message
+        command, fields, stats = message
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_heard = self.now()
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
+            if stats is not None:  # the model calls behind these replies, the worker's memory
+                if stats.calls:
+                    self.models[worker.model].metrics.executed(stats.calls)
+                if stats.rss_bytes is not None:
+                    worker.rss_bytes = stats.rss_bytes
         if command is protocol.Command.REPLIES:
             if worker is None:
                 self.limited.warning("replies from unknown workers", "reply from unknown worker=%s dropped",
@@ -609,6 +701,9 @@ class PoolState:
             expiry=now + self.heartbeat_interval * self.heartbeat_liveness,
             last_heard=now,
         )
+        _read_ready_figures(worker, info)
+        if worker.load_seconds is not None:
+            entry.load_seconds = worker.load_seconds
         self.workers[identity] = worker
         entry.workers[identity] = worker
         entry.load_error = None
@@ -631,10 +726,11 @@ class PoolState:
         entry = self.models[worker.model]
         self._settle_batch(worker, pending, entry)
         self._done(entry, pending)
+        took = worker.last_heard - pending.admitted  # last_heard: this message's arrival
         if item.status == protocol.OK:
-            entry.served += 1
+            entry.metrics.succeeded(took)
         else:
-            entry.failed_with(item.status)
+            entry.metrics.failed(reason_of_status(item.status), took)
         if pending.grouped:
             grouped.setdefault(item.client, []).append((item.rid, item.status, item.body))
         else:
@@ -682,7 +778,7 @@ class PoolState:
                 suspects.append(pending)
             elif pending.crashes >= 1:
                 entry.crashed += 1
-                entry.errors += 1
+                entry.metrics.failed(WORKER_CRASHED, self.now() - pending.admitted)
                 self._done(entry, pending)
                 self._reply_error(pending.client, pending.model, pending.rid, WorkerCrashed(
                     f"request crashed a worker of model {quote(entry.name)} ({reason}) while it ran alone, "
@@ -799,26 +895,26 @@ class PoolState:
     def _send(self, entry: ModelEntry, worker: Worker, requests: list[Pending], now: float) -> None:
         """Send requests taken from a queue to a worker as one BATCH."""
         batch = Batch(worker, len(requests), sum(p.rows for p in requests))
+        queue_time = entry.metrics.queue.observe
         items = []
         for pending in requests:
             pending.where = INFLIGHT
             pending.batch = batch
             worker.inflight[(pending.client, pending.rid)] = pending
-            entry.queue_seconds += now - pending.arrived
+            queue_time(now - pending.arrived)
             budget = None if pending.deadline is None else max(1, math.ceil((pending.deadline - now) * 1000))
             items.append(BatchItem(pending.client, pending.rid, budget, pending.body))
         worker.batches += 1
         worker.batches_sent += 1
         worker.rows_sent += batch.rows
         worker.last_sent = now
-        entry.dispatched += len(requests)
         entry.batches += 1
         entry.batch_rows += batch.rows
         self.outbox_workers.append([worker.identity, *protocol.encode_batch(items, int(self.wall() * 1000))])
 
     def _expire(self, entry: ModelEntry, pending: Pending) -> None:
         self._done(entry, pending)
-        entry.errors += 1
+        entry.metrics.failed(TIMEOUT, self.now() - pending.admitted)
         entry.expired += 1
         self._reply_error(pending.client, pending.model, pending.rid, RequestTimeout(
             f"deadline passed after waiting in the queue of model {quote(entry.name)}; "
@@ -828,10 +924,11 @@ class PoolState:
         entry.suspects_queued = 0
         entry.reserved = None
         suspects, entry.suspects = entry.suspects, deque()
+        reason, now = reason_of_error(error), self.now()
         for pending in [*suspects, *entry.batcher.queue.drain()]:
             if pending.where is QUEUED:
                 self._done(entry, pending)
-                entry.failed_with(error.status)
+                entry.metrics.failed(reason, now - pending.admitted)
                 self._reply_error(pending.client, pending.model, pending.rid, error)
 
     def tick(self) -> None:
@@ -907,6 +1004,16 @@ def _check_options(header: dict) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_ready_figures(worker: Worker, info: dict) -> None:
+    """load_seconds and rss_bytes of a READY; an invalid value is ignored, as READY's other keys are."""
+    load = info.get("load_seconds")
+    if isinstance(load, (int, float)) and not isinstance(load, bool) and math.isfinite(load) and 0 <= load < 1e7:
+        worker.load_seconds = float(load)
+    rss = info.get("rss_bytes")
+    if _is_int(rss) and 0 <= rss <= protocol.MAX_RSS_BYTES:
+        worker.rss_bytes = rss
 
 
 def _by_seq(pending: Pending) -> int:

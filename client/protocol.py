@@ -18,7 +18,7 @@ Client <-> broker (client uses DEALER and sends the empty frame itself, or REQ):
     tensor    raw little-endian row-major bytes, one frame per entry of inputs/outputs, in order
 
     Management services answered by the broker: "mmi.service" (header {"name": <model>}, status
-    "200"/"404"), "mmi.models", "mmi.health"; any other "mmi.*" is "501".
+    "200"/"404"), "mmi.models", "mmi.health", "mmi.metrics" (histograms); any other "mmi.*" is "501".
 
 Groups, an optional extension (a broker lists "group" in mmi.health's "extensions"): many requests
 to one model with one header in one message, marked by an empty request-id; the broker answers
@@ -35,11 +35,12 @@ them with plain replies or grouped replies::
 
 Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the identity)::
 
-    READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, pid, max_batch_size, prefetch, metadata}>
-    HEARTBEAT  ""  "MDPW01"  0x04
+    READY      ""  "MDPW01"  0x01  <model>  <info: msgpack {version, pid, max_batch_size, prefetch, metadata,
+                                                           load_seconds, rss_bytes}>
+    HEARTBEAT  ""  "MDPW01"  0x04  [<stats>]                       (stats from a worker only)
     DISCONNECT ""  "MDPW01"  0x05  [<info: msgpack {model, error} | {reconnect: true}>]
     BATCH      ""  "MDPW01"  0x06  <index>  { <client>  <request-id>  <header>  <tensor>... }...
-    REPLIES    ""  "MDPW01"  0x07  <sizes>  { <client>  <request-id>  <status>  <header>  <tensor>... }...
+    REPLIES    ""  "MDPW01"  0x07  <sizes>  { <client>  <request-id>  <status>  <header>  <tensor>... }...  [<stats>]
 
     index      msgpack map {"sent_ms": <Unix time in ms when the broker sent it, its clock>,
                "items": [[frames, budget_ms], ...]}: per request, how many frames it has (3 +
@@ -47,7 +48,12 @@ Broker <-> worker (worker uses DEALER; the broker's ROUTER adds/strips the ident
                answers 504 for a request whose budget ran out before it ran; a batch can wait in the
                worker's socket behind a running one, so the time since sent_ms counts (on one host
                exact; across hosts it needs synchronised clocks).
-    sizes      one little-endian uint32 per reply: how many frames it has (4 + tensors).
+    sizes      one little-endian uint32 per reply: how many frames it has (4 + tensors). The frames
+               after the replies: none, or one stats frame.
+    stats      msgpack map {"calls": [[rows, compute_us], ...], "rss_bytes": int}, both optional: the
+               model calls run since the last report (rows >= 1, microseconds), and the worker's
+               resident memory; with a REPLIES or a HEARTBEAT. The broker's metrics (compute time,
+               batch sizes, memory) come from it.
 
     Credit: the broker sends a worker at most 1 + prefetch BATCH messages that it has not answered
     in full (every request of a BATCH answered once, in one REPLIES or several). The requests of a
@@ -79,6 +85,7 @@ MMI_MODELS = b"mmi.models"
 MMI_HEALTH = b"mmi.health"
 EXTENSIONS = ("group",)  # what a broker of this version lists in mmi.health's "extensions"
 MAX_GROUP = 1024  # requests in one group message
+MMI_METRICS = b"mmi.metrics"
 
 OK = b"200"
 
@@ -618,12 +625,22 @@ class ReplyItem(NamedTuple):
     body: list
 
 
+class WorkerStats(NamedTuple):
+    """A worker's stats frame (REPLIES, HEARTBEAT): its model calls as [rows, compute microseconds]
+    pairs and its resident memory in bytes (None: not said)."""
+
+    calls: Sequence = ()
+    rss_bytes: int | None = None
+
+
 class WorkerMessage(NamedTuple):
     """A parsed MDPW01 message: READY ``[model, info]``, DISCONNECT ``[info]`` or ``[]``, HEARTBEAT
-    ``[]``, BATCH a list of BatchItem, REPLIES a list of ReplyItem."""
+    ``[]``, BATCH a list of BatchItem, REPLIES a list of ReplyItem; ``stats`` the WorkerStats a
+    REPLIES or HEARTBEAT carried, else None."""
 
     command: Command
     fields: list
+    stats: WorkerStats | None = None
 
 
 def encode_ready(model: str | bytes, info: dict) -> list:
@@ -632,9 +649,12 @@ def encode_ready(model: str | bytes, info: dict) -> list:
     return [b"", WORKER, Command.READY.value, model_b, packb(info)]
 
 
-def encode_heartbeat() -> list:
-    """HEARTBEAT frames, either direction."""
-    return [b"", WORKER, Command.HEARTBEAT.value]
+def encode_heartbeat(stats: dict | None = None) -> list:
+    """HEARTBEAT frames, either direction; a worker may add its stats map (``rss_bytes``, ``calls``)."""
+    frames = [b"", WORKER, Command.HEARTBEAT.value]
+    if stats is not None:
+        frames.append(packb(stats))
+    return frames
 
 
 def encode_disconnect(info: dict | None = None) -> list:
@@ -657,8 +677,9 @@ def encode_batch(items: Sequence[BatchItem], sent_ms: int | None = None) -> list
     return frames
 
 
-def encode_replies(items: Sequence[ReplyItem]) -> list:
-    """REPLIES frames from a worker."""
+def encode_replies(items: Sequence[ReplyItem], stats: dict | None = None) -> list:
+    """REPLIES frames from a worker; ``stats`` ({"calls": [[rows, compute_us], ...], "rss_bytes": int})
+    becomes the last frame."""
     sizes = struct.pack(f"<{len(items)}I", *[3 + len(item.body) for item in items])
     frames = [b"", WORKER, _REPLIES, sizes]
     for item in items:
@@ -666,6 +687,8 @@ def encode_replies(items: Sequence[ReplyItem]) -> list:
         frames.append(item.rid)
         frames.append(item.status)
         frames.extend(item.body)
+    if stats is not None:
+        frames.append(packb(stats))
     return frames
 
 
@@ -695,13 +718,18 @@ def _parse_batch(fields: list) -> list[BatchItem]:
     return items
 
 
-def _parse_replies(fields: list) -> list[ReplyItem]:
+def _parse_replies(fields: list) -> tuple[list[ReplyItem], WorkerStats | None]:
     sizes_frame = frame_bytes(fields[0])
     if not sizes_frame or len(sizes_frame) % 4:
         raise ProtocolError(f"REPLIES: sizes frame must hold one uint32 per reply, got {len(sizes_frame)} bytes")
     sizes = struct.unpack(f"<{len(sizes_frame) // 4}I", sizes_frame)
-    if sum(sizes) != len(fields) - 1:
-        raise ProtocolError(f"REPLIES: sizes add up to {sum(sizes)} frames, message has {len(fields) - 1}")
+    total = sum(sizes)
+    stats = None
+    if total == len(fields) - 2:  # one frame after the replies: the stats
+        stats = parse_stats(fields[-1], "REPLIES")
+    elif total != len(fields) - 1:
+        raise ProtocolError(f"REPLIES: sizes add up to {total} frames, message has {len(fields) - 1} "
+                            "(the replies and at most one stats frame)")
     items, pos = [], 1
     for size in sizes:
         if size < 4:
@@ -713,7 +741,53 @@ def _parse_replies(fields: list) -> list[ReplyItem]:
                                _check_id(frame_bytes(fields[pos + 1]), "request-id"), status,
                                fields[pos + 3:pos + size]))
         pos += size
-    return items
+    return items, stats
+
+
+MAX_CALL_ROWS = (1 << 32) - 1
+MAX_COMPUTE_US = 1 << 40  # about 12.7 days: any real call is shorter
+MAX_RSS_BYTES = 1 << 56
+
+
+def parse_stats(frame: Any, what: str) -> WorkerStats:
+    """A worker's stats frame: {"calls": [[rows, compute_us], ...], "rss_bytes": int}, both optional
+    (nil counts as absent), other keys ignored; ProtocolError for anything else.
+
+    On the broker's path (with at most one REPLIES in 10 ms per worker, see modelproc.worker), so
+    written for speed: exact type checks (msgpack gives plain ints and lists) and unpacking limits
+    passed as constants (about 1.5 us in all).
+    """
+    try:
+        stats = msgpack.unpackb(frame_bytes(frame), max_str_len=4096, max_bin_len=4096, max_array_len=1 << 16,
+                                max_map_len=256, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"{what} stats is not valid msgpack ({_reason(exc)})") from None
+    if type(stats) is not dict:
+        raise ProtocolError(f"{what}: stats must be a map, got {wire_type(stats)}")
+    calls, rss = stats.get("calls"), stats.get("rss_bytes")
+    if calls is None:
+        calls = ()
+    elif type(calls) is not list:
+        raise ProtocolError(f"{what}: stats calls must be an array, got {wire_type(calls)}")
+    for call in calls:
+        if type(call) is not list or len(call) != 2:
+            raise _bad_call(what)
+        rows, micros = call
+        if type(rows) is not int or type(micros) is not int or not (
+                0 < rows <= MAX_CALL_ROWS and 0 <= micros <= MAX_COMPUTE_US):
+            raise _bad_call(what)
+    if rss is not None and (type(rss) is not int or not 0 <= rss <= MAX_RSS_BYTES):
+        raise ProtocolError(f"{what}: stats rss_bytes must be an integer from 0 to {MAX_RSS_BYTES}, got "
+                            f"{describe(rss)}")
+    return _make_stats((calls, rss))
+
+
+_make_stats = WorkerStats._make  # skips the keyword handling of WorkerStats(...)
+
+
+def _bad_call(what: str) -> ProtocolError:
+    return ProtocolError(f"{what}: stats calls entries must be [rows 1 to {MAX_CALL_ROWS}, compute_us 0 to "
+                         f"{MAX_COMPUTE_US}]")
 
 
 def _is_int(value: Any) -> bool:
@@ -747,12 +821,18 @@ def parse_worker_message(frames: Sequence[Any]) -> WorkerMessage:
     if len(fields) < _MIN_FIELDS[command]:
         raise ProtocolError(f"{command.name} needs at least {_MIN_FIELDS[command]} frames after the command, "
                             f"got {len(fields)}")
+    stats = None
     if command is Command.BATCH:
         fields = _parse_batch(fields)
     elif command is Command.REPLIES:
-        fields = _parse_replies(fields)
+        fields, stats = _parse_replies(fields)
     elif command is Command.READY:
         fields = [_check_id(frame_bytes(fields[0]), "model name"), unpack_header(fields[1])]
     elif command is Command.DISCONNECT:
         fields = [unpack_header(fields[0])] if fields else []
-    return WorkerMessage(command, fields)
+    elif command is Command.HEARTBEAT:
+        if len(fields) > 1:
+            raise ProtocolError(f"HEARTBEAT has at most one frame (stats) after the command, got {len(fields)}")
+        stats = parse_stats(fields[0], "HEARTBEAT") if fields else None
+        fields = []
+    return WorkerMessage(command, fields, stats)

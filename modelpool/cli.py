@@ -5,13 +5,15 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
+import time
+from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
 
 from modelpool.broker import config as pool_config
 from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig
-from modelpool.client import Client, PoolError
+from modelpool.broker.metrics import HistogramSnapshot
+from modelpool.client import Client, PoolError, protocol
 from modelpool.client.base import DEFAULT_ENDPOINT
 from modelpool.modelproc.worker import add_arguments as add_worker_arguments
 from modelpool.modelproc.worker import run_standalone
@@ -36,6 +38,8 @@ def _announce(broker: object) -> None:
     state = broker.state  # type: ignore[attr-defined]
     endpoint = broker.frontend_endpoint  # type: ignore[attr-defined]
     lines = [f"modelpool listening on {endpoint}"]
+    metrics = broker.metrics_server  # type: ignore[attr-defined]
+    lines.append(f"metrics on {metrics.url}" if metrics is not None else "metrics off")
     for entry in state.models.values():
         status = f"{entry.ready}/{entry.expected} replicas ready"
         if entry.load_error:
@@ -54,6 +58,7 @@ def _announce(broker: object) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the pool in the foreground until SIGINT/SIGTERM."""
+    from modelpool.broker.exporter import MetricsError
     from modelpool.broker.server import Broker
 
     try:
@@ -66,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file with -c pool.toml, or --demo")
         if args.log_level:
             cfg = cfg.with_overrides(log_level=args.log_level)
+        cfg = cfg.with_metrics_port(args.metrics_port)
     except ConfigError as exc:
         print(f"modelpool: config error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         broker = Broker(cfg, on_ready=_announce)
     except Exception as exc:  # zmq.ZMQError for an address in use, mostly
         print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
+        return 1
+    try:
+        broker.start_metrics()
+    except MetricsError as exc:
+        broker.close()
+        print(f"modelpool: cannot start: {exc}", file=sys.stderr)
         return 1
     broker.install_signal_handlers()
     try:
@@ -122,8 +134,16 @@ def _talks_to_pool(command: Callable[[argparse.Namespace], int]) -> Callable[[ar
 
 # 4XX: requests the pool refused (bad input, queue full); 5XX: the model raised, crashed, timed out or
 # could not be reached. A client sending bad requests does not make the model look broken.
-STATUS_COLUMNS = ("MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN FLIGHT", "BATCH", "SERVED", "4XX",
-                  "5XX")
+STATUS_COLUMNS = ("MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN FLIGHT", "BATCH", "REQ/S",
+                  "QUEUE P50", "SERVED", "4XX", "5XX")
+
+
+class Sample(NamedTuple):
+    """One look at the pool: mmi.models, mmi.metrics (None from a pool without it) and when it was taken."""
+
+    models: list
+    metrics: dict | None
+    at: float
 
 
 def _count(entry: dict, key: str) -> str:
@@ -131,47 +151,177 @@ def _count(entry: dict, key: str) -> str:
     return "-" if value is None else str(value)
 
 
-def _mean_batch(entry: dict) -> str:
-    batches, rows = entry.get("batches"), entry.get("batch_rows")
-    if not isinstance(batches, int) or not isinstance(rows, int) or batches <= 0:
+def _int(entry: dict | None, key: str) -> int | None:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _mean_batch(entry: dict, before: dict | None = None) -> str:
+    batches, rows = _int(entry, "batches"), _int(entry, "batch_rows")
+    if batches is None or rows is None:
         return "-"
-    return f"{rows / batches:.1f}"
+    if before is not None and _int(before, "batches") is not None and _int(before, "batch_rows") is not None:
+        batches, rows = batches - before["batches"], rows - before["batch_rows"]
+    return f"{rows / batches:.1f}" if batches > 0 else "-"
 
 
-def format_status(models: list[dict], endpoint: str = "") -> str:
-    """The `modelpool status` table: one row per model, then the load errors underneath."""
-    head = [f"pool at {endpoint}"] if endpoint else []
-    if not models:
+def _answered(entry: dict | None) -> int | None:
+    counts = [_int(entry, key) for key in ("served", "client_errors", "errors")]
+    return None if None in counts else sum(counts)
+
+
+def _rate(entry: dict, before: dict | None, seconds: float | None) -> str:
+    answered = _answered(entry)
+    if answered is None or not seconds or seconds <= 0:
+        return "-"
+    if before is not None:
+        answered -= _answered(before) or 0
+    rate = answered / seconds
+    return f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.3g}ms"
+    return f"{seconds:.2f}s"
+
+
+def _histograms(metrics: dict | None) -> dict[str, dict[str, HistogramSnapshot]]:
+    """Model name -> histogram name -> snapshot, from an mmi.metrics answer; what cannot be read is left out."""
+    out: dict[str, dict[str, HistogramSnapshot]] = {}
+    for model in (metrics or {}).get("models") or []:
+        if not isinstance(model, dict) or not isinstance(model.get("histograms"), dict):
+            continue
+        parsed = {}
+        for name, value in model["histograms"].items():
+            try:
+                parsed[name] = HistogramSnapshot.from_wire(value)
+            except ValueError:
+                continue
+        out[str(model.get("name"))] = parsed
+    return out
+
+
+def _queue_p50(name: str, now: dict, before: dict | None) -> str:
+    current = now.get(name, {}).get("queue_seconds")
+    if current is None:
+        return "-"
+    earlier = (before or {}).get(name, {}).get("queue_seconds")
+    return _duration((current.minus(earlier) if earlier is not None else current).quantile(0.5))
+
+
+def _window(sample: Sample, previous: Sample | None) -> tuple[Sample | None, float | None, str]:
+    """(sample to subtract, seconds, words): the last interval in --watch, else since the broker started."""
+    if previous is not None and previous.models and sample.at > previous.at:
+        before = {m.get("name"): m for m in previous.models}
+        restarted = any((_answered(m) or 0) < (_answered(before.get(m.get("name"))) or 0) for m in sample.models)
+        if not restarted:
+            seconds = sample.at - previous.at
+            return previous, seconds, f"rates over the last {seconds:.1f}s"
+    uptime = (sample.metrics or {}).get("uptime_seconds")
+    if isinstance(uptime, (int, float)) and not isinstance(uptime, bool) and uptime > 0:
+        return None, float(uptime), f"rates since the broker started {uptime:.0f}s ago"
+    return None, None, ""
+
+
+def format_status(models: list[dict] | Sample, endpoint: str = "", previous: Sample | None = None) -> str:
+    """The `modelpool status` table: one row per model, then the load errors underneath.
+
+    Given a Sample (mmi.models with mmi.metrics), REQ/S (requests answered per second, every outcome),
+    QUEUE P50 and BATCH cover the time since ``previous`` (--watch), or since the broker started.
+    """
+    sample = models if isinstance(models, Sample) else Sample(models, None, 0.0)
+    base, seconds, words = _window(sample, previous)
+    head = [f"pool at {endpoint}" + (f"; {words}" if words else "")] if endpoint else []
+    if not sample.models:
         return "\n".join(head + ["no models served"])
+    hists = _histograms(sample.metrics)
+    hists_before = _histograms(base.metrics) if base is not None else None
+    before = {m.get("name"): m for m in base.models} if base is not None else {}
+    ordered = sorted(sample.models, key=lambda m: str(m.get("name", "")))
     rows = []
-    for m in sorted(models, key=lambda m: str(m.get("name", ""))):
+    for m in ordered:
+        name, earlier = str(m.get("name", "?")), before.get(m.get("name"))
         ready = _count(m, "replicas_ready")
         if m.get("replicas_expected"):
             ready += f"/{m['replicas_expected']}"
-        rows.append((str(m.get("name", "?")), str(m.get("version") or "-"), ready, _count(m, "replicas_starting"),
+        rows.append((name, str(m.get("version") or "-"), ready, _count(m, "replicas_starting"),
                      _count(m, "replicas_failed"), _count(m, "queue_depth"), _count(m, "in_flight"),
-                     _mean_batch(m), _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
+                     _mean_batch(m, earlier), _rate(m, earlier, seconds), _queue_p50(name, hists, hists_before),
+                     _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
     widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(STATUS_COLUMNS)]
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     lines = head + [line(STATUS_COLUMNS)] + [line(r) for r in rows]
-    for m in sorted(models, key=lambda m: str(m.get("name", ""))):
+    for m in ordered:
         if m.get("load_error"):
             lines.append(f"model {m.get('name')!r} failed to load: {_one_line(m['load_error'])}")
     return "\n".join(lines)
 
 
+def fetch_metrics(client: Client) -> dict | None:
+    """The pool's mmi.metrics answer (histograms, uptime), or None from a pool that has no such service."""
+    reply = client.call(protocol.MMI_METRICS.decode(), {})
+    return reply.header if reply.status == protocol.OK else None
+
+
+def _sample(client: Client, wait: bool, timeout: float) -> Sample:
+    models = client.wait_ready(timeout=timeout) if wait else client.models()
+    return Sample(models, fetch_metrics(client), time.monotonic())
+
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+
+
+def watch_status(fetch: Callable[[], Sample], endpoint: str, interval: float, out: TextIO, *,
+                 sleep: Callable[[float], None] = time.sleep, frames: int | None = None) -> int:
+    """Redraw the table every ``interval`` seconds (in place on a terminal) until Ctrl-C, or ``frames``.
+
+    An error (the pool restarting) is shown in place of the table and the watch goes on.
+    """
+    previous: Sample | None = None
+    drawn = 0
+    clear = CLEAR if out.isatty() else ""
+    try:
+        while frames is None or drawn < frames:
+            try:
+                sample = fetch()
+                text = format_status(sample, endpoint, previous)
+                previous = sample
+            except PoolError as exc:
+                text = f"pool at {endpoint}\nmodelpool: {type(exc).__name__}: {_one_line(str(exc))}"
+            stamp = time.strftime("%H:%M:%S")
+            out.write(f"{clear}{text}\nrefreshed {stamp}, every {interval:g}s; Ctrl-C stops\n" + ("" if clear else "\n"))
+            out.flush()
+            drawn += 1
+            if frames is None or drawn < frames:
+                sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 @_talks_to_pool
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the models a running pool serves, their replicas, queues and counters."""
+    if args.watch and args.json:
+        return _fail("--watch draws the table; leave out --json (or --watch)", EXIT_USAGE)
     with Client(args.endpoint, timeout=args.timeout) as client:
-        models = client.wait_ready(timeout=args.timeout) if args.wait else client.models()
+        sample = _sample(client, args.wait, args.timeout)
+        if args.watch:
+            return watch_status(lambda: _sample(client, False, args.timeout), args.endpoint, args.watch,
+                                sys.stdout, frames=None)
     if args.json:
-        print(json.dumps({"endpoint": args.endpoint, "models": models}, indent=2, sort_keys=True))
+        print(json.dumps({"endpoint": args.endpoint, "models": sample.models, "metrics": sample.metrics},
+                         indent=2, sort_keys=True))
     else:
-        print(format_status(models, args.endpoint))
+        print(format_status(sample, args.endpoint))
     return EXIT_OK
 
 
@@ -249,6 +399,13 @@ def _add_client_options(parser: argparse.ArgumentParser, timeout: float) -> None
                         help=f"seconds to wait for the answer, one resend included (default: {timeout:g})")
 
 
+def _metrics_port(text: str) -> int:
+    try:
+        return pool_config.metrics_port_flag(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 or off, got {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -277,18 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="serve the bundled digits classifier")
     serve.add_argument("--frontend", help="client endpoint, e.g. tcp://127.0.0.1:5555 (overrides the config)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    serve.add_argument("--metrics-port", type=_metrics_port, metavar="PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: [metrics] host, "
+                       f"127.0.0.1 by default); 0 or off: no metrics (default: [metrics] port, "
+                       f"{pool_config.DEFAULT_METRICS_PORT})")
     serve.set_defaults(func=cmd_serve)
 
     fmt = argparse.RawDescriptionHelpFormatter
     status = sub.add_parser("status", help="show the models of a running pool", formatter_class=fmt,
-                            description="Ask a running pool (mmi.models) for its models, versions, replicas\n"
-                            "ready/starting/failed, queue depths and requests served, and print them as a table.",
+                            description="Ask a running pool (mmi.models, mmi.metrics) for its models, versions,\n"
+                            "replicas ready/starting/failed, queue depths, mean batch size, requests answered per\n"
+                            "second, median queue time and requests served, and print them as a table (figures\n"
+                            "since the broker started; with --watch, over the last interval).",
                             epilog="example:\n  modelpool status --endpoint tcp://127.0.0.1:5555\n\n" + EXIT_CODES)
     _add_client_options(status, timeout=5.0)
     status.add_argument("--json", action="store_true", help="print the raw mmi.models answer as JSON")
     status.add_argument("--wait", action="store_true",
                         help="first wait (up to --timeout) until every model has all its replicas ready; "
                         "exit 1 if they are not, or if a model failed to load")
+    status.add_argument("--watch", type=_positive_float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="redraw the table every SECONDS (default 2) until Ctrl-C, with REQ/S, QUEUE P50 "
+                        "and BATCH over the last interval")
     status.set_defaults(func=cmd_status)
 
     predict = sub.add_parser("predict", help="send one request from the shell", formatter_class=fmt,

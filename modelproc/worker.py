@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 EXIT_LOAD_FAILED = 3
 _PR_SET_PDEATHSIG = 1
+# Model calls are reported to the broker (REPLIES stats) at most this often, gathered in between:
+# a stats frame costs the broker a few microseconds to read, which at one request per REPLIES would
+# be a tenth of its cost per request; a worker with nothing to run sends what it holds in a HEARTBEAT.
+STATS_EVERY = 0.01
+_MAX_HELD_CALLS = 4096  # sent sooner when this many calls are held
 
 
 def main(spec: WorkerSpec) -> None:
@@ -109,6 +114,25 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{more}" if first else f"{type(exc).__name__}{more}"
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux /proc), or its peak (getrusage) elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 class Prepared(NamedTuple):
     """A request of a batch, checked and decoded, ready to be stacked with others."""
 
@@ -135,6 +159,10 @@ class Worker:
         self.metadata: dict = {}
         self.served = 0
         self.expired = 0
+        self.load_seconds: float | None = None
+        self.calls: list[list[int]] = []  # [rows, microseconds] per model call not reported yet
+        self._calls_at = 0.0  # when held calls may next go out with a REPLIES
+        self._memory_at = 0.0  # when resident memory is next reported
         self._reregister = False
         self._broker_lost_since: float | None = None
 
@@ -165,8 +193,9 @@ class Worker:
                         pad_to_bucket=self.spec.pad_to_bucket, imports=self.spec.imports)
         runner.warm_up()
         self.metadata = runner.metadata(self.spec.model, self.spec.version)
+        self.load_seconds = time.monotonic() - started
         log.info("model=%s loaded from %s in %.1fs (threads intra=%d inter=%d)", self.spec.model, self.spec.path,
-                 time.monotonic() - started, self.spec.intra_threads, self.spec.inter_threads)
+                 self.load_seconds, self.spec.intra_threads, self.spec.inter_threads)
         return runner
 
     def report_load_failure(self, reason: str) -> None:
@@ -179,6 +208,11 @@ class Worker:
     def _ready(self) -> None:
         info = {"version": self.spec.version, "max_batch_size": self.spec.max_batch_size,
                 "prefetch": self.spec.prefetch, "pid": os.getpid(), "metadata": self.metadata}
+        if self.load_seconds is not None:
+            info["load_seconds"] = round(self.load_seconds, 3)
+        rss = rss_bytes()
+        if rss is not None:
+            info["rss_bytes"] = rss
         # Re-registration uses the same connection: the broker's ROUTER refuses a second connection
         # with an identity it still has (no handover), and ZeroMQ reconnects this one by itself
         # when a broker restarts.
@@ -198,7 +232,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while self.running:
-            if self.batches or poller.poll(interval * 1000):
+            if self.batches or poller.poll(self._poll_ms(interval)):
                 self._drain()
             if self.batches:
                 self._run_batch(*self.batches.popleft())
@@ -217,8 +251,9 @@ class Worker:
             log.error("launcher pid=%d is gone; exiting", self.spec.parent_pid)
             self.running = False
             return
-        if now - self.last_sent >= self.spec.heartbeat_interval:
-            self.socket.send_multipart(protocol.encode_heartbeat())
+        idle_with_calls = self.calls and not self.batches and now >= self._calls_at
+        if idle_with_calls or now - self.last_sent >= self.spec.heartbeat_interval:
+            self.socket.send_multipart(protocol.encode_heartbeat(self._stats(now, calls=True)))
             self.last_sent = now
         if now > self.broker_expiry and self.socket.poll(0, zmq.POLLIN):
             return  # messages wait after a long call: the broker is alive, the next drain reads them
@@ -235,6 +270,7 @@ class Worker:
             self._reregister = False
             self.batches.clear()  # the broker that sent them is gone or has re-queued them
             self.replies.clear()
+            self.calls.clear()
             self._ready()
 
     def _drain(self) -> None:
@@ -253,7 +289,7 @@ class Worker:
         self.broker_expiry = now + self.spec.heartbeat_interval * self.liveness
         self._broker_lost_since = None
         try:
-            command, fields = protocol.parse_worker_message(frames)
+            command, fields, _ = protocol.parse_worker_message(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from broker: %s", exc)
             return
@@ -355,10 +391,38 @@ class Worker:
         limit = self.spec.max_batch_size
         rows = inputs[0].shape[0]
         if rows <= limit:
-            return self.runner.run(inputs, key)
+            return self._timed_run(inputs, key)
         # one request larger than a batch: run it in slices of max_batch_size rows
-        parts = [self.runner.run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
+        parts = [self._timed_run([x[i:i + limit] for x in inputs], key) for i in range(0, rows, limit)]
         return [(spec, np.concatenate([p[j][1] for p in parts])) for j, (spec, _) in enumerate(parts[0])]
+
+    def _timed_run(self, inputs: list, key: tuple) -> list:
+        """One model call, timed for the broker's metrics (a call that raises is not counted)."""
+        started = time.perf_counter()
+        results = self.runner.run(inputs, key)
+        self.calls.append([int(inputs[0].shape[0]), int((time.perf_counter() - started) * 1e6)])
+        return results
+
+    def _poll_ms(self, interval: float) -> float:
+        """How long the idle loop waits for a message: a heartbeat interval, or until held calls are due."""
+        if not self.calls:
+            return interval * 1000
+        return min(interval, max(0.0, self._calls_at - time.monotonic())) * 1000
+
+    def _stats(self, now: float, calls: bool) -> dict | None:
+        """The stats frame's map: the held model calls when ``calls`` says so, the resident memory once
+        per heartbeat interval (reading it costs a few syscalls); None when there is nothing to say."""
+        stats = {}
+        if now >= self._memory_at:
+            self._memory_at = now + self.spec.heartbeat_interval
+            rss = rss_bytes()
+            if rss is not None:
+                stats["rss_bytes"] = rss
+        if calls and self.calls:
+            stats["calls"] = self.calls
+            self.calls = []
+            self._calls_at = now + STATS_EVERY
+        return stats or None
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, header: dict, tensors: list = ()) -> None:
         self.replies.append(ReplyItem(client, rid, status, [protocol.packb(header), *tensors]))
@@ -367,10 +431,13 @@ class Worker:
         self.replies.append(ReplyItem(client, rid, error.status, [protocol.error_header(error)]))
 
     def _send_replies(self) -> None:
-        """Everything answered since the last call, in one REPLIES message."""
-        send_frames(self.socket, protocol.encode_replies(self.replies))
+        """Everything answered since the last call, in one REPLIES message, with the model calls run
+        since the last report when STATS_EVERY has passed (and now and then the worker's memory)."""
+        now = time.monotonic()
+        due = now >= self._calls_at or len(self.calls) >= _MAX_HELD_CALLS
+        send_frames(self.socket, protocol.encode_replies(self.replies, self._stats(now, calls=due)))
         self.replies = []
-        self.last_sent = time.monotonic()
+        self.last_sent = now
 
 
 def add_arguments(parser: Any) -> None:

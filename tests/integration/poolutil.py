@@ -10,6 +10,6 @@ HERE = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:  # `bench` is a folder of the source tree, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench.pool import Pool, process_alive, toml_value, wait_until, write_config  # noqa: E402
+from bench.pool import Pool, free_port, process_alive, toml_value, wait_until, write_config  # noqa: E402
 
-__all__ = ["HERE", "REPO", "Pool", "process_alive", "toml_value", "wait_until", "write_config"]
+__all__ = ["HERE", "REPO", "Pool", "free_port", "process_alive", "toml_value", "wait_until", "write_config"]

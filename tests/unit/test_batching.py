@@ -12,6 +12,7 @@ import zmq
 from modelpool.client import protocol
 from modelpool.client.errors import InvalidInput
 from modelpool.modelproc.spec import WorkerSpec
+from modelpool.modelproc import worker as worker_module
 from modelpool.modelproc.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -214,3 +215,49 @@ def test_a_batch_read_late_is_aged_from_when_the_broker_sent_it(rig):
     replies = _replies(router, 2)
     assert replies[b"late"][0] == b"504" and replies[b"ok"][0] == b"200"
     assert worker.runner.calls == [1]
+
+
+def test_replies_report_each_model_call_that_returned_and_the_workers_memory(rig, monkeypatch):
+    monkeypatch.setattr(worker_module, "STATS_EVERY", 0.0)  # every REPLIES carries its calls
+    worker, router = rig
+    # three requests of 1 row and one of 20 rows (max_batch_size 8: three slices), one that raises
+    batches = [[_item(b"r%d" % i, np.full((1, 3), i, "float32")) for i in range(3)],
+               [_item(b"big", np.ones((20, 3), "float32"))], [_item(b"bad", np.full((1, 3), -1, "float32"))]]
+    stats = []
+    for items in batches:
+        _send(router, *items)
+        _settle(worker, 1)
+        assert router.poll(5000)
+        message = protocol.parse_worker_message(router.recv_multipart()[1:])
+        stats.append(message.stats)
+    assert [[rows for rows, _ in s.calls] for s in stats[:2]] == [[3], [8, 8, 4]]
+    assert stats[2] is None  # the call that raised is not counted; nothing else to say: no stats frame
+    assert all(0 <= us < 5_000_000 for s in stats[:2] for _, us in s.calls)
+    assert stats[0].rss_bytes > 10 << 20  # this Python process's resident memory, once per heartbeat interval
+    assert stats[1].rss_bytes is None
+    assert worker.calls == []
+
+
+def test_calls_are_gathered_between_reports_and_an_idle_worker_sends_them_in_a_heartbeat(rig, monkeypatch):
+    monkeypatch.setattr(worker_module, "STATS_EVERY", 3600.0)
+    worker, router = rig
+    worker.broker_expiry = time.monotonic() + 3600  # the broker is alive: housekeeping only heartbeats
+    stats = []
+    for i in range(3):
+        _send(router, _item(b"r%d" % i, np.full((i + 1, 3), i, "float32")))
+        _settle(worker, 1)
+        assert router.poll(5000)
+        stats.append(protocol.parse_worker_message(router.recv_multipart()[1:]).stats)
+    assert [[rows for rows, _ in s.calls] for s in stats if s is not None and s.calls] == [[1]]  # then held
+    assert [rows for rows, _ in worker.calls] == [2, 3]
+    assert worker._poll_ms(1.0) == pytest.approx(1000.0)  # not due for an hour: the usual heartbeat wait
+    worker.last_sent = time.monotonic()  # no heartbeat due either
+    worker._housekeeping()
+    assert not router.poll(100)  # not due yet: nothing sent
+    worker._calls_at = time.monotonic()  # the hour has passed
+    assert worker._poll_ms(1.0) == 0
+    worker._housekeeping()
+    assert router.poll(5000)
+    message = protocol.parse_worker_message(router.recv_multipart()[1:])
+    assert message.command is protocol.Command.HEARTBEAT
+    assert [rows for rows, _ in message.stats.calls] == [2, 3] and worker.calls == []

@@ -1,12 +1,14 @@
 """The `modelpool` command line without a pool: parsing, help, the status table, predict output, exit codes."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 
-from modelpool.client import InvalidInput, ModelNotFound, RequestTimeout
+from modelpool.broker.metrics import DURATION_BUCKETS
+from modelpool.client import InvalidInput, ModelNotFound, RequestTimeout, Unavailable, protocol
 from modelpool.client.base import DEFAULT_ENDPOINT
 from modelpool import cli as modelpool
 
@@ -21,11 +23,29 @@ MODELS = [
 ]
 
 
+
+
+def queue_histogram(*seconds: float) -> dict:
+    """An mmi.metrics histogram map of these queue times."""
+    counts = [0] * (len(DURATION_BUCKETS) + 1)
+    for value in seconds:
+        counts[next((i for i, b in enumerate(DURATION_BUCKETS) if value <= b), len(DURATION_BUCKETS))] += 1
+    return {"le": list(DURATION_BUCKETS), "counts": counts, "sum": sum(seconds)}
+
+
+# digits: 100 requests waited 0.5 to 1 ms (p50 interpolates to 750 us); broken: none
+METRICS = {"uptime_seconds": 100.0, "models": [
+    {"name": "digits", "version": "1", "histograms": {"queue_seconds": queue_histogram(*[0.0008] * 100)}},
+    {"name": "broken", "version": "2", "histograms": {"queue_seconds": queue_histogram()}},
+]}
+
+
 class FakeClient:
     """Stands in for client.Client: records calls, answers from class attributes."""
 
     calls: list = []
     models_answer: list | Exception = MODELS
+    metrics_answer: dict | None = METRICS  # None: a pool without mmi.metrics (501)
     infer_answer: dict | Exception = {}
 
     def __init__(self, endpoint, *, timeout):
@@ -41,6 +61,12 @@ class FakeClient:
         if isinstance(self.models_answer, Exception):
             raise self.models_answer
         return self.models_answer
+
+    def call(self, service, header):
+        self.calls.append(("call", service))
+        if self.metrics_answer is None:
+            return protocol.Reply(service.encode(), b"1", b"501", {"error": {"type": "NotSupported"}}, [])
+        return protocol.Reply(service.encode(), b"1", b"200", self.metrics_answer, [])
 
     def infer(self, model, inputs, outputs=None):
         self.calls.append(("infer", model, inputs, outputs))
@@ -112,14 +138,15 @@ def test_status_and_predict_defaults():
 
 
 def test_status_table_lines_up_and_reports_load_errors():
-    text = modelpool.format_status(MODELS, "tcp://127.0.0.1:5555")
+    text = modelpool.format_status(modelpool.Sample(MODELS, METRICS, 0.0), "tcp://127.0.0.1:5555")
     lines = text.splitlines()
-    assert lines[0] == "pool at tcp://127.0.0.1:5555"
+    assert lines[0] == "pool at tcp://127.0.0.1:5555; rates since the broker started 100s ago"
     header, broken, digits = lines[1], lines[2], lines[3]
     assert header.split() == ["MODEL", "VERSION", "READY", "STARTING", "FAILED", "QUEUE", "IN", "FLIGHT", "BATCH",
-                              "SERVED", "4XX", "5XX"]
-    assert broken.split() == ["broken", "2", "0/1", "1", "3", "0", "0", "-", "0", "0", "7"]  # sorted by name
-    assert digits.split() == ["digits", "1", "2/2", "0", "0", "3", "4", "12.3", "12345", "40", "1"]  # mean rows
+                              "REQ/S", "QUEUE", "P50", "SERVED", "4XX", "5XX"]
+    assert broken.split() == ["broken", "2", "0/1", "1", "3", "0", "0", "-", "0.1", "-", "0", "0", "7"]  # by name
+    # mean rows per batch; (12345 + 40 + 1) answered in 100 s; p50 of 100 waits in (0.5, 1] ms
+    assert digits.split() == ["digits", "1", "2/2", "0", "0", "3", "4", "12.3", "124", "750us", "12345", "40", "1"]
     # numbers are right-aligned under their headings
     assert header.index("SERVED") + len("SERVED") == digits.index("12345") + len("12345")
     assert len(header) == len(digits) == len(broken)
@@ -130,20 +157,96 @@ def test_status_table_lines_up_and_reports_load_errors():
 def test_status_table_copes_with_missing_fields_and_no_models():
     assert modelpool.format_status([]) == "no models served"
     row = modelpool.format_status([{"name": "remote"}]).splitlines()[1]
-    assert row.split() == ["remote", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert row.split() == ["remote"] + ["-"] * 12
+    garbled = {"models": [{"name": "remote", "histograms": {"queue_seconds": {"le": [1.0], "counts": [1]}}}]}
+    row = modelpool.format_status(modelpool.Sample([{"name": "remote"}], garbled, 0.0)).splitlines()[1]
+    assert row.split() == ["remote"] + ["-"] * 12
 
 
 def test_status_prints_the_table(fake, capsys):
     assert modelpool.main(["status", "--endpoint", "ipc:///tmp/x.ipc", "--timeout", "3"]) == 0
     out = capsys.readouterr().out
-    assert out == modelpool.format_status(MODELS, "ipc:///tmp/x.ipc") + "\n"
-    assert fake.calls == [("init", "ipc:///tmp/x.ipc", 3.0), ("close",)]
+    assert out == modelpool.format_status(modelpool.Sample(MODELS, METRICS, 0.0), "ipc:///tmp/x.ipc") + "\n"
+    assert fake.calls == [("init", "ipc:///tmp/x.ipc", 3.0), ("call", "mmi.metrics"), ("close",)]
+
+
+def test_status_of_a_pool_without_mmi_metrics_shows_dashes(fake, capsys):
+    fake.metrics_answer = None
+    assert modelpool.main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"pool at {DEFAULT_ENDPOINT}"
+    assert lines[3].split()[7:10] == ["12.3", "-", "-"]  # BATCH from mmi.models; no REQ/S, no QUEUE P50
 
 
 def test_status_json(fake, capsys):
     assert modelpool.main(["status", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data == {"endpoint": DEFAULT_ENDPOINT, "models": MODELS}
+    assert data == {"endpoint": DEFAULT_ENDPOINT, "models": MODELS, "metrics": METRICS}
+
+
+def _later(seconds: float, served: int, batches: int, rows: int, *queue: float) -> modelpool.Sample:
+    """MODELS and METRICS after ``served`` more requests, ``batches`` more batches of ``rows`` rows in all,
+    these queue times more, ``seconds`` later."""
+    models = [dict(m) for m in MODELS]
+    models[0].update(served=12345 + served, batches=1000 + batches, batch_rows=12345 + rows)
+    metrics = {"uptime_seconds": 100.0 + seconds, "models": [
+        {"name": "digits", "histograms": {"queue_seconds": queue_histogram(*[0.0008] * 100, *queue)}},
+        METRICS["models"][1]]}
+    return modelpool.Sample(models, metrics, seconds)
+
+
+def test_watch_shows_rates_batch_and_p50_over_each_interval():
+    samples = iter([modelpool.Sample(MODELS, METRICS, 0.0), _later(2.0, 50, 5, 40, *[0.02] * 50)])
+    slept = []
+
+    class Out(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Out()
+    assert modelpool.watch_status(lambda: next(samples), "ipc:///p", 2.0, out, sleep=slept.append, frames=2) == 0
+    frames = out.getvalue().split(modelpool.CLEAR)
+    assert frames[0] == "" and len(frames) == 3 and slept == [2.0]  # redrawn in place, slept between
+    first, second = frames[1].splitlines(), frames[2].splitlines()
+    assert first[0].endswith("rates since the broker started 100s ago")
+    assert first[3].split()[7:10] == ["12.3", "124", "750us"]
+    assert second[0] == "pool at ipc:///p; rates over the last 2.0s"
+    # 50 answered in 2 s; 40 rows in 5 batches; the 50 new waits are all in (10, 25] ms
+    assert second[3].split()[7:10] == ["8.0", "25.0", "17.5ms"]
+    assert second[-1].startswith("refreshed ") and second[-1].endswith("every 2s; Ctrl-C stops")
+
+
+def test_watch_keeps_going_through_errors_and_stops_on_ctrl_c():
+    answers = iter([Unavailable("the connection to the broker was lost"), modelpool.Sample(MODELS, METRICS, 1.0)])
+
+    def fetch():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def sleep(seconds):
+        if out.getvalue().count("refreshed") == 2:
+            raise KeyboardInterrupt
+
+    out = io.StringIO()  # not a terminal: frames one after another
+    assert modelpool.watch_status(fetch, "ipc:///p", 1.0, out, sleep=sleep) == 0
+    text = out.getvalue()
+    assert modelpool.CLEAR not in text
+    assert "modelpool: Unavailable: the connection to the broker was lost" in text
+    assert text.count("digits") == 1 and text.count("refreshed") == 2
+
+
+def test_status_watch_flag():
+    assert modelpool.build_parser().parse_args(["status", "--watch"]).watch == 2.0
+    assert modelpool.build_parser().parse_args(["status", "--watch", "0.5"]).watch == 0.5
+    assert modelpool.build_parser().parse_args(["status"]).watch is None
+
+
+def test_status_watch_and_json_together_is_a_usage_error(fake, capsys):
+    assert modelpool.main(["status", "--watch", "--json"]) == 2
+    assert "--watch draws the table" in capsys.readouterr().err
+    assert fake.calls == []
 
 
 @pytest.mark.parametrize("error", [

@@ -500,3 +500,27 @@ def test_registrations_per_model_are_capped(clock):
     assert len(state.workers) == MAX_WORKERS_PER_MODEL
     refused = [m for _, m in worker_out(state) if m.command is protocol.Command.DISCONNECT]
     assert len(refused) == 10 and "registered already" in refused[0].fields[0]["error"]
+
+
+@pytest.mark.parametrize("stats", [
+    b"\xc1",  # not msgpack
+    protocol.packb({"calls": [[1, 10]] * 65537}),  # past the 65,536-entry bound
+    protocol.packb({"calls": [[1, 1 << 45]]}),  # 1,100 years of compute
+    protocol.packb({"calls": [[0, 10]]}),  # a call of no rows
+    protocol.packb({"rss_bytes": -1}),
+    b"\xdd\xff\xff\xff\xff",  # declares an array of 4 G entries
+])
+def test_a_malformed_stats_frame_drops_that_replies_and_counts_nothing(clock, caplog, stats):
+    state = make_state(clock, "m", expected=1)
+    ready(state, W1, "m")
+    infer(state, ALICE, "m", b"1")
+    assert dispatched(state) == [(W1, ALICE, b"1")]
+    body = [protocol.packb({"outputs": []})]
+    frames = protocol.encode_replies([protocol.ReplyItem(ALICE, b"1", protocol.OK, body)])
+    with caplog.at_level(logging.WARNING):
+        state.worker_message(W1, [*frames, stats])
+    assert client_out(state) == [] and "dropped malformed worker message" in caplog.text
+    entry = state.models[b"m"]
+    assert entry.metrics.compute.count == 0 and entry.memory_bytes is None and entry.in_flight == 1
+    reply(state, W1, ALICE, b"1")  # the same answer, well formed, is taken
+    assert [rep.status for _, rep in client_out(state)] == [protocol.OK] and entry.served == 1

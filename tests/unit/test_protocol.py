@@ -512,10 +512,30 @@ def test_replies_from_worker_round_trip_and_reach_the_client():
     assert type(got) is errors.InvalidInput and (got.status, got.message) == (b"400", error.message)
 
 
+def test_replies_carry_the_model_calls_and_memory_in_a_last_stats_frame():
+    items = [protocol.ReplyItem(CLIENT_ADDR, RID, b"200", [protocol.packb({})]),
+             protocol.ReplyItem(b"other", b"2", b"504", [protocol.packb({})])]
+    stats = {"calls": [[8, 1250], [3, 0]], "rss_bytes": 123 << 20}
+    frames = protocol.encode_replies(items, stats)
+    assert len(frames) == 4 + 8 + 1 and msgpack.unpackb(frames[-1]) == stats
+    message = protocol.parse_worker_message([zmq.Frame(bytes(f)) if i > 3 else f for i, f in enumerate(frames)])
+    assert [(i.rid, i.status) for i in message.fields] == [(RID, b"200"), (b"2", b"504")]
+    assert message.stats == protocol.WorkerStats([[8, 1250], [3, 0]], 123 << 20)
+    # without a stats frame, as before; an empty map or nil values mean nothing to report
+    assert protocol.parse_worker_message(protocol.encode_replies(items)).stats is None
+    assert protocol.parse_worker_message(protocol.encode_replies(items, {})).stats == protocol.WorkerStats((), None)
+    nils = protocol.encode_replies(items, {"calls": None, "rss_bytes": None, "later": [1, 2]})
+    assert protocol.parse_worker_message(nils).stats == protocol.WorkerStats()
+
+
 def test_heartbeat_round_trips():
     frames = protocol.encode_heartbeat()
     assert frames == [b"", b"MDPW01", b"\x04"]
     assert protocol.parse_worker_message(frames) == protocol.WorkerMessage(Command.HEARTBEAT, [])
+    frames = protocol.encode_heartbeat({"rss_bytes": 4096})
+    assert frames[:3] == [b"", b"MDPW01", b"\x04"] and msgpack.unpackb(frames[3]) == {"rss_bytes": 4096}
+    assert protocol.parse_worker_message(frames) == protocol.WorkerMessage(
+        Command.HEARTBEAT, [], protocol.WorkerStats((), 4096))
 
 
 def test_disconnect_without_info_round_trips():
@@ -595,6 +615,25 @@ def worker_replies() -> list:
         (replace(worker_replies(), 4, b""), "client address must be 1 to 255"),
         (replace(worker_replies(), 9, b"i" * 256), "request-id must be 1 to 255"),
         (replace(worker_replies(), 6, b"OK"), "status must be three ASCII digits"),
+        (worker_replies() + [b"\xc1"], "REPLIES stats is not valid msgpack"),
+        (worker_replies() + [protocol.packb([[1, 2]])], "REPLIES: stats must be a map, got an array"),
+        (worker_replies() + [protocol.packb({}), protocol.packb({})], "sizes add up to 8 frames, message has 10"),
+        (worker_replies() + [protocol.packb({"calls": {"rows": 1}})], "stats calls must be an array, got a map"),
+        (worker_replies() + [protocol.packb({"calls": [[0, 10]]})], r"entries must be \[rows 1 to"),
+        (worker_replies() + [protocol.packb({"calls": [[1 << 32, 10]]})], r"entries must be \[rows 1 to"),
+        (worker_replies() + [protocol.packb({"calls": [[4, -1]]})], "compute_us 0 to"),
+        (worker_replies() + [protocol.packb({"calls": [[4, 1 << 41]]})], "compute_us 0 to"),
+        (worker_replies() + [protocol.packb({"calls": [[4, 1.5]]})], "compute_us 0 to"),
+        (worker_replies() + [protocol.packb({"calls": [[True, 10]]})], "rows 1 to"),
+        (worker_replies() + [protocol.packb({"calls": [[4, 10, 1]]})], "rows 1 to"),
+        (worker_replies() + [protocol.packb({"calls": [4, 10]})], "rows 1 to"),
+        (worker_replies() + [protocol.packb({"rss_bytes": -1})], "rss_bytes must be an integer from 0 to"),
+        (worker_replies() + [protocol.packb({"rss_bytes": "1G"})], 'rss_bytes must be an integer .*got "1G"'),
+        (worker_replies() + [protocol.packb({"rss_bytes": 1 << 60})], "rss_bytes must be an integer from 0"),
+        (protocol.encode_heartbeat() + [b"\xc1"], "HEARTBEAT stats is not valid msgpack"),
+        (protocol.encode_heartbeat() + [protocol.packb("x")], "HEARTBEAT: stats must be a map, got a string"),
+        (protocol.encode_heartbeat({}) + [protocol.packb({})], "HEARTBEAT has at most one frame"),
+        (protocol.encode_heartbeat({"rss_bytes": 2.5}), "rss_bytes must be an integer"),
         (protocol.encode_disconnect() + [b"\xc1"], "not valid msgpack"),
         (protocol.encode_disconnect() + [protocol.packb("bye")], "must be a msgpack map"),
     ],
@@ -620,3 +659,9 @@ def test_worked_example_header_matches_the_spec():
         "82 a6 69 6e 70 75 74 73 91 83 a4 6e 61 6d 65 a6 70 69 78 65 6c 73 a8 64 61 74 61 74 79 70 65 a4 "
         "46 50 33 32 a5 73 68 61 70 65 92 01 40 aa 74 69 6d 65 6f 75 74 5f 6d 73 cd 03 e8"
     )
+
+
+def test_stats_example_of_the_spec_packs_as_written():
+    packed = protocol.packb({"calls": [[8, 2150]], "rss_bytes": 412000256})
+    assert packed.hex(" ") == "82 a5 63 61 6c 6c 73 91 92 08 cd 08 66 a9 72 73 73 5f 62 79 74 65 73 ce 18 8e a0 00"
+    assert protocol.parse_stats(packed, "REPLIES") == protocol.WorkerStats([[8, 2150]], 412000256)

@@ -186,7 +186,7 @@ def test_mmi_models_lists_models_workers_and_queue_depths(clock):
     assert a["queue_depth"] == 1 and a["in_flight"] == 1
     assert a["queue_rows"] == 1 and a["batches"] == 1 and a["batch_rows"] == 1
     assert a["workers"] == [{"id": "w1", "pid": 4242, "state": "ready", "max_batch_size": 1, "prefetch": 0,
-                             "in_flight": 1, "batches": 1, "rows": 1}]
+                             "in_flight": 1, "batches": 1, "rows": 1, "load_seconds": None, "rss_bytes": None}]
     assert models["b"]["replicas_ready"] == 0 and models["b"]["workers"] == []
 
 
