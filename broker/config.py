@@ -65,6 +65,46 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ListenConfig:
+    """One KServe V2 door of the gateway process (``[http]`` or ``[grpc]``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks a free port (printed at start)
+    default_timeout: float = 30.0  # seconds a request may take when it sets no deadline of its own
+
+    table = ""  # the TOML table, for messages
+
+    def __post_init__(self) -> None:
+        where = f"[{self.table}]"
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"{where}.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.host, str) or not self.host or any(c in self.host for c in " /[]"):
+            raise ConfigError(f"{where}.host must be an IP address or host name like 127.0.0.1, got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"{where}.port must be an integer from 0 to 65535 (0: any free port), got {self.port!r}")
+        value = self.default_timeout
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}.default_timeout must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HttpConfig(ListenConfig):
+    """The KServe V2 HTTP/REST door; Triton's default port."""
+
+    port: int = 8000
+    table = "http"
+
+
+@dataclass(frozen=True)
+class GrpcConfig(ListenConfig):
+    """The KServe V2 gRPC door; Triton's default port."""
+
+    port: int = 8001
+    table = "grpc"
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """The whole pool: endpoints, timings and models."""
 
@@ -83,6 +123,8 @@ class PoolConfig:
     insecure_network: bool = False  # allow non-loopback tcp binds (no CurveZMQ yet: unencrypted)
     exit_on_error: bool = True  # a model that fails to load at start stops the pool (Triton's --exit-on-error)
     mmi_detail: bool = False  # mmi.models answers {"detail": true} with worker ids and pids (operators)
+    http: HttpConfig = HttpConfig()
+    grpc: GrpcConfig = GrpcConfig()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -111,6 +153,7 @@ class PoolConfig:
                 f"pool.backend {self.backend!r} is a tcp:// endpoint: with no CurveZMQ yet, anything that can "
                 "connect to it can register as a worker and receive requests; set pool.insecure_network = true "
                 "to accept that (remote workers on a trusted network), or leave backend unset for a private ipc://")
+        self._check_doors()
         _positive_int(self.max_message_bytes, "pool.max_message_bytes")
         _positive_int(self.max_queued_bytes, "pool.max_queued_bytes")
         if self.max_queued_bytes < self.max_message_bytes:
@@ -128,6 +171,16 @@ class PoolConfig:
         if not isinstance(self.log_level, str) or self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"pool.log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
+    def _check_doors(self) -> None:
+        for door, kind in ((self.http, HttpConfig), (self.grpc, GrpcConfig)):
+            if not isinstance(door, kind):
+                raise ConfigError(f"[{kind.table}] must be a table")
+            if door.enabled and not self.insecure_network and not _is_local_host(door.host):
+                raise ConfigError(
+                    f"[{door.table}].host {door.host!r} is not a loopback address: the KServe V2 doors have no TLS or "
+                    "authentication, so bind to 127.0.0.1 or ::1, or set pool.insecure_network = true on a trusted "
+                    "network (or behind a proxy that adds them)")
+
     def with_overrides(self, **changes: Any) -> PoolConfig:
         """A copy with some pool keys replaced (CLI flags), validated again."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -137,7 +190,11 @@ def _is_local(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
     if not endpoint.startswith("tcp://"):
         return True
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return _is_local_host(endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
+
+
+def _is_local_host(host: str) -> bool:
+    """True for localhost, ::1 and 127.x.y.z."""
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
@@ -152,13 +209,22 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models"}
+_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", "http", "grpc"}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+_DOOR_KEYS = {f.name for f in fields(ListenConfig)}
+
+
+def _door(data: dict, kind: type[ListenConfig]) -> ListenConfig:
+    table = data.get(kind.table, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{kind.table} must be a table: [{kind.table}]")
+    _check_keys(table, _DOOR_KEYS, f"[{kind.table}]")
+    return kind(**table)
 
 
 def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     """Build a PoolConfig from parsed TOML; model paths are relative to ``base_dir``."""
-    _check_keys(data, {"pool", "models"}, "top level")
+    _check_keys(data, {"pool", "models", "http", "grpc"}, "top level")
     pool = data.get("pool", {})
     if not isinstance(pool, dict):
         raise ConfigError("pool must be a table: [pool]")
@@ -179,7 +245,7 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
         imports = tuple(imports) if isinstance(imports, list) else imports
         models.append(ModelConfig(**{**table, "path": str(path), "imports": imports}))
     try:
-        return PoolConfig(models=tuple(models), **pool)
+        return PoolConfig(models=tuple(models), http=_door(data, HttpConfig), grpc=_door(data, GrpcConfig), **pool)
     except TypeError as exc:  # wrong value types reaching dataclass defaults
         raise ConfigError(str(exc)) from None
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ EXIT_OK = 0
 EXIT_POOL_ERROR = 1  # the pool answered with an error, or did not answer
 EXIT_USAGE = 2  # bad arguments or an unreadable input file (argparse exits 2 as well)
 EXIT_LOAD_FAILED = 3  # serve: a model failed to load at start (see pool.exit_on_error)
+EXIT_GATEWAY_FAILED = 4  # serve: the KServe V2 gateway could not bind its ports at start
 
 
 def demo_config(frontend: str | None) -> PoolConfig:
@@ -52,6 +54,52 @@ def _announce(broker: object) -> None:
     print("\n".join(lines), flush=True)
 
 
+def gateway_lines(config: PoolConfig, ports: dict[str, int]) -> list[str]:
+    """Where the KServe V2 doors listen, as `modelpool serve` prints it."""
+    lines = []
+    if "http" in ports:
+        host = _url_host(config.http.host)
+        lines.append(f"KServe V2 HTTP listening on http://{host}:{ports['http']} "
+                     f"(e.g. curl http://{host}:{ports['http']}/v2/health/ready)")
+    if "grpc" in ports:
+        lines.append(f"KServe V2 gRPC listening on {_url_host(config.grpc.host)}:{ports['grpc']}")
+    return lines
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce_gateway(broker: object, ports: dict[str, int]) -> None:
+    print("\n".join(gateway_lines(broker.config, ports)), flush=True)  # type: ignore[attr-defined]
+
+
+def door_port(text: str) -> int | None:
+    """A --http-port/--grpc-port value: a port number (0: any free port) or "off" (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535 (0: any free port) or 'off', got {text}")
+    return port
+
+
+_UNSET = -1  # a --http-port/--grpc-port flag not given
+
+
+def apply_door_flags(cfg: PoolConfig, http_port: int | None, grpc_port: int | None) -> PoolConfig:
+    """The config with the --http-port/--grpc-port flags applied (None: off, _UNSET: as configured)."""
+    changes = {}
+    for key, port in (("http", http_port), ("grpc", grpc_port)):
+        if port != _UNSET:
+            door = getattr(cfg, key)
+            changes[key] = replace(door, enabled=False) if port is None else replace(door, enabled=True, port=port)
+    return cfg.with_overrides(**changes) if changes else cfg
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the pool in the foreground until SIGINT/SIGTERM."""
     from modelpool.broker.server import Broker
@@ -66,13 +114,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file with -c pool.toml, or --demo")
         if args.log_level:
             cfg = cfg.with_overrides(log_level=args.log_level)
+        cfg = apply_door_flags(cfg, args.http_port, args.grpc_port)
     except ConfigError as exc:
         print(f"modelpool: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        broker = Broker(cfg, on_ready=_announce)
+        broker = Broker(cfg, on_ready=_announce, on_gateway=_announce_gateway)
     except Exception as exc:  # zmq.ZMQError for an address in use, mostly
         print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
         return 1
@@ -81,6 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = broker.run()
     finally:
         broker.close()
+    if code == EXIT_GATEWAY_FAILED:
+        _fail(f"cannot start the KServe V2 gateway: {broker.gateway.error}; choose other ports with --http-port/"
+              "--grpc-port (or [http]/[grpc] port in the config), or turn a door off with 'off'", code)
     if code == EXIT_LOAD_FAILED:
         for entry in broker.state.models.values():
             if entry.load_error and entry.ready == 0:
@@ -277,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="serve the bundled digits classifier")
     serve.add_argument("--frontend", help="client endpoint, e.g. tcp://127.0.0.1:5555 (overrides the config)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    serve.add_argument("--http-port", type=door_port, default=_UNSET, metavar="PORT|off",
+                       help="KServe V2 HTTP port (default 8000, or [http] port; 0: any free port; off: no HTTP)")
+    serve.add_argument("--grpc-port", type=door_port, default=_UNSET, metavar="PORT|off",
+                       help="KServe V2 gRPC port (default 8001, or [grpc] port; 0: any free port; off: no gRPC)")
     serve.set_defaults(func=cmd_serve)
 
     fmt = argparse.RawDescriptionHelpFormatter
