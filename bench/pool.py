@@ -7,6 +7,7 @@ models need ``custom_layers``) and the repository root.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,9 +56,14 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(path: Path, models: list[dict], **pool: Any) -> Path:
-    """A pool.toml with a ``[pool]`` table and one ``[[models]]`` table per model."""
+def write_config(path: Path, models: list[dict], tables: Mapping[str, Mapping[str, Any]] | None = None,
+                 **pool: Any) -> Path:
+    """A pool.toml with a ``[pool]`` table, other tables (``[http]``, ``[grpc]``) and one ``[[models]]`` table
+    per model."""
     lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
+    for name, table in (tables or {}).items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     for model in models:
         lines.append("\n[[models]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in model.items()]
@@ -74,19 +80,28 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+# Where `modelpool serve` says the KServe V2 doors listen.
+_DOOR_LINE = re.compile(r"KServe V2 (HTTP|gRPC) listening on (?:http://)?(\S+):(\d+)")
+
+
 class Pool:
     """A launcher process serving some models on a private ipc:// frontend (unless ``frontend`` is given).
 
     ``settings`` are ``[pool]`` defaults under the keyword arguments: ``TEST_SETTINGS`` (fast heartbeats)
-    for tests, ``SERVING_SETTINGS`` (the pool's own defaults) for measurements.
+    for tests, ``SERVING_SETTINGS`` (the pool's own defaults) for measurements. The KServe V2 gateway is
+    off unless ``gateway``: then HTTP and gRPC listen on ports the OS picks (no collisions between pools
+    running at once), read back from the launcher's output by ``gateway_ports``.
     """
 
     def __init__(self, models: list[dict], *, ready_timeout: float = 180.0, wait_ready: bool = True,
-                 settings: Mapping[str, Any] = TEST_SETTINGS, **pool: Any) -> None:
+                 settings: Mapping[str, Any] = TEST_SETTINGS, gateway: bool = False,
+                 http: Mapping[str, Any] | None = None, grpc: Mapping[str, Any] | None = None, **pool: Any) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
         self.endpoint = pool.pop("frontend", f"ipc://{self.dir}/front.ipc")
         pool = {**settings, **pool}
-        self.config = write_config(self.dir / "pool.toml", models, frontend=self.endpoint, **pool)
+        door = {"enabled": True, "port": 0} if gateway else {"enabled": False}
+        tables = {"http": {**door, **(http or {})}, "grpc": {**door, **(grpc or {})}}
+        self.config = write_config(self.dir / "pool.toml", models, tables, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")
         self._final_log: str | None = None  # kept by stop(), which removes the directory
@@ -115,6 +130,16 @@ class Pool:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}")
+
+    def gateway_ports(self, timeout: float = 30.0) -> dict[str, tuple[str, int]]:
+        """{"http": (host, port), "grpc": (host, port)} as the launcher printed them (for the open doors)."""
+        def found() -> dict[str, tuple[str, int]]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.read_log()}")
+            doors = {kind.lower(): (host, int(port)) for kind, host, port in _DOOR_LINE.findall(self.read_log())}
+            return doors if doors else {}
+
+        return wait_until(found, timeout, what="the gateway's ports in the launcher's output")
 
     def read_log(self) -> str:
         """The launcher's output so far (after ``stop``: all of it)."""
