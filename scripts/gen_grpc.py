@@ -35,12 +35,28 @@ def main() -> int:
             print(f"protoc failed with exit code {code}", file=sys.stderr)
             return 1
         for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2_grpc.py"):
-            text = (out / PACKAGE / name).read_text()
-            # the stub imports `warnings` and never uses it; drop it so pyflakes stays quiet
-            text = text.replace("import warnings\n", "") if "warnings." not in text else text
+            text = _adapt((out / PACKAGE / name).read_text())
             (PROTO.parent / name).write_text(text)
             print(f"wrote gateway/{name}")
     return 0
+
+
+# tritonclient's grpc_service.proto defines the same `inference.*` names in protobuf's default pool, so
+# ours goes into a pool of its own: both load in one process (a test, or a user's app) without the
+# "duplicate symbol" error, and the wire format is the same.
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_OWN_POOL = ("# modelpool: a pool of its own, see scripts/gen_grpc.py\n"
+             "POOL = _descriptor_pool.DescriptorPool()\n"
+             "DESCRIPTOR = POOL.AddSerializedFile(")
+
+
+def _adapt(text: str) -> str:
+    """The two edits made to protoc's output: a private descriptor pool, no unused import."""
+    if _DEFAULT_POOL in text:
+        text = text.replace(_DEFAULT_POOL, _OWN_POOL)
+    if "warnings." not in text:  # the stub imports `warnings` and never uses it (pyflakes)
+        text = text.replace("import warnings\n", "")
+    return text
 
 
 if __name__ == "__main__":
