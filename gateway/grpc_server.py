@@ -14,7 +14,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from modelpool.client import protocol
-from modelpool.client.errors import InvalidInput, PoolError, Unavailable
+from modelpool.client.errors import InvalidInput, ModelNotFound, PoolError, Unavailable
 from modelpool.client.protocol import DATATYPES, quote
 from modelpool.gateway import grpc_predict_v2_pb2 as pb
 from modelpool.gateway import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -161,7 +161,11 @@ class GrpcDoor(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ModelReadyResponse(ready=await self.backend.model_ready(request.name, request.version))
+        try:
+            ready = await self.backend.model_ready(request.name, request.version)
+        except ModelNotFound:  # a boolean API: an unknown model or version is not ready
+            ready = False
+        return pb.ModelReadyResponse(ready=ready)
 
     @_answers_errors
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -115,7 +115,7 @@ def test_health_and_server_metadata(triton):
     mod, client = triton
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("a") and client.is_model_ready("multi", "3")
-    assert not client.is_model_ready("multi", "4") if mod is thttp else True
+    assert not client.is_model_ready("multi", "4") and not client.is_model_ready("nope")
     meta = client.get_server_metadata()
     if mod is tgrpc:
         meta = {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
@@ -442,15 +442,16 @@ def test_a_killed_gateway_is_restarted_on_the_same_ports(doors):
     assert not process_alive(old)
 
 
-def test_the_gateway_stops_with_the_pool(models):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_gateway_stops_with_the_pool(models, sig):
     pool = Pool([{"name": "a", "path": str(models.a)}], gateway=True)
     try:
         pool.gateway_ports()
         pid = int(re.findall(r"started gateway pid=(\d+)", pool.read_log())[-1])
         assert process_alive(pid)
     finally:
-        code = pool.stop()
-    assert code == 0
+        code = pool.stop(sig)
+    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     wait_until(lambda: not process_alive(pid), 10.0, what="gateway gone")
 
 
