@@ -132,7 +132,7 @@ async def _open_http(spec: GatewaySpec, backend: Any) -> tuple[Any, int]:
 
     sock = bind_http(spec.http_host, spec.http_port)
     door = HttpDoor(backend, max_body=spec.max_message_bytes, default_timeout=spec.http_timeout)
-    config = uvicorn.Config(door.app, log_level="warning", access_log=False, lifespan="off",
+    config = uvicorn.Config(door.app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=GRACE, server_header=False)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # this process's loop handles SIGTERM for both doors

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from modelpool.client import protocol
-from modelpool.client.errors import InvalidInput, ModelNotFound, NotSupported, PoolError
+from modelpool.client.errors import InvalidInput, ModelNotFound, NotSupported
 from modelpool.client.protocol import DATATYPES, quote
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -24,9 +24,11 @@ TIMEOUT_HEADER = "inference-timeout-ms"  # ours: the request's deadline in milli
 MAX_DIMS = 32
 # Platforms the pool's metadata names -> what a V2 client reads.
 PLATFORMS = {"keras": "keras", "keras_h5": "keras"}
-_BOOL_DTYPE = np.dtype("bool")
-# Datatypes a JSON element kind may become without losing a value: numpy's kind letter of the parsed list.
-_JSON_KINDS = {"b": "BOOL", "i": "integer", "u": "integer", "f": "float"}
+# What numpy made of a JSON data list (its dtype kind), in words; and what each datatype takes.
+_JSON_KINDS = {"b": "booleans", "i": "whole numbers", "u": "whole numbers", "f": "fractional numbers",
+               "U": "strings", "S": "strings"}
+_TAKES = {"b": ("true/false", ("b",)), "i": ("whole numbers", ("i", "u")), "u": ("whole numbers", ("i", "u")),
+          "f": ("numbers", ("i", "u", "f"))}
 
 
 @dataclass
@@ -109,23 +111,16 @@ def array_from_values(name: str, datatype: str, shape: list[int], count: int, va
 
 
 def _check_kind(name: str, datatype: str, want: np.dtype, array: np.ndarray) -> None:
-    kind = _JSON_KINDS.get(array.dtype.kind)
-    if want.kind == "b":
-        ok = kind == "BOOL"
-    elif want.kind in "iu":
-        ok = kind == "integer"
-        if ok:
-            info = np.iinfo(want)
-            if array.min() < info.min or array.max() > info.max:
-                raise InvalidInput(f"input {quote(name)}: values run from {array.min()} to {array.max()}, outside "
-                                   f"{datatype}'s {info.min} to {info.max}")
-    else:
-        ok = kind in ("integer", "float")
-    if not ok:
-        got = kind or ("strings" if array.dtype.kind in "SU" else "mixed values")
-        raise InvalidInput(f"input {quote(name)}: datatype {datatype} takes "
-                           f"{'true/false' if want.kind == 'b' else 'numbers' if want.kind == 'f' else 'whole numbers'}"
-                           f", data holds {'booleans' if got == 'BOOL' else got + ' numbers' if got in ('integer', 'float') else got}")
+    """InvalidInput unless the parsed values fit the datatype without changing (no float to int, no overflow)."""
+    takes, kinds = _TAKES[want.kind]
+    if array.dtype.kind not in kinds:
+        got = _JSON_KINDS.get(array.dtype.kind, "mixed values")
+        raise InvalidInput(f"input {quote(name)}: datatype {datatype} takes {takes}, data holds {got}")
+    if want.kind in "iu":
+        info = np.iinfo(want)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(f"input {quote(name)}: values run from {array.min()} to {array.max()}, outside "
+                               f"{datatype}'s {info.min} to {info.max}")
 
 
 def _bytes_from_values(name: str, shape: list[int], count: int, values: Any) -> bytes:
@@ -175,11 +170,6 @@ def output_values(datatype: str, shape: Sequence[int], frame: Any, name: str) ->
 def frame_size(frame: Any) -> int:
     """Bytes in a reply tensor frame (zmq.Frame or buffer)."""
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame).nbytes
-
-
-def reply_error(reply: protocol.Reply) -> PoolError | None:
-    """The pool's typed error for a reply (None for 200)."""
-    return protocol.reply_error(reply)
 
 
 def check_version(model: str, version: str, served: str | None) -> None:

@@ -62,7 +62,7 @@ def test_binary_data_passes_through_as_views_of_the_body():
     ({"inputs": [_tensor(data=[1.0] * 5)]}, b"", "shape [2, 3] needs 6 values, data has 5"),
     ({"inputs": [_tensor(data=[[1.0, 2.0, 3.0], [1.0]])]}, b"", "not a regular array"),
     ({"inputs": [_tensor(data=["a"] * 6)]}, b"", "datatype FP32 takes numbers, data holds strings"),
-    ({"inputs": [_tensor(datatype="INT32", data=[1.5] * 6)]}, b"", "INT32 takes whole numbers, data holds float"),
+    ({"inputs": [_tensor(datatype="INT32", data=[1.5] * 6)]}, b"", "INT32 takes whole numbers, data holds fractional numbers"),
     ({"inputs": [_tensor(datatype="UINT8", data=[300] * 6)]}, b"", "outside UINT8's 0 to 255"),
     ({"inputs": [_tensor(datatype="BOOL", data=[1] * 6)]}, b"", "BOOL takes true/false"),
     ({"inputs": [_tensor(datatype="FP8", data=[1] * 6)]}, b"", "unknown datatype \"FP8\""),
