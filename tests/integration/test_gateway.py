@@ -56,6 +56,7 @@ def doors(models):
         {"name": "multi", "path": str(models.multi), "version": "3"},
         {"name": "sleepy", "path": str(models.sleepy), "max_batch_size": 1, "prefetch": 0, "max_queue": 1,
          "imports": ["custom_layers"]},
+        {"name": "poison", "path": str(models.poison), "imports": ["custom_layers"]},
     ], gateway=True, max_message_bytes=1 << 20)
     try:
         ports = pool.gateway_ports()
@@ -190,7 +191,7 @@ def test_unknown_model_is_404_with_the_pools_message(triton, doors):
     exc = _error(lambda: client.infer("nope", [_input(mod, "x", x)]))
     assert _status(mod, exc) in ("404", "NOT_FOUND")
     assert exc.message() == _pool_message(doors.zmq, "nope", {"x": x})
-    assert "models served: a, multi, sleepy" in exc.message()
+    assert "models served: a, multi, poison, sleepy" in exc.message()
     assert _status(mod, _error(lambda: client.get_model_metadata("nope"))) in ("404", "NOT_FOUND")
 
 
@@ -213,6 +214,20 @@ def test_wrong_version_is_404(triton):
     assert _status(mod, exc) in ("404", "NOT_FOUND")
     assert exc.message() == 'model "a" has no version "9"; this pool serves version "1" (leave the version out to use it)'
     assert _status(mod, _error(lambda: client.get_model_metadata("a", "9"))) in ("404", "NOT_FOUND")
+
+
+def test_a_model_that_raises_is_500_with_the_pools_message(triton, doors):
+    from custom_layers import RAISE_VALUE
+
+    mod, client = triton
+    x = np.zeros((1, 8), np.float32)
+    x[0, 0] = RAISE_VALUE
+    exc = _error(lambda: client.infer("poison", [_input(mod, "x", x)]))
+    assert _status(mod, exc) in ("500", "INTERNAL")
+    assert exc.message() == _pool_message(doors.zmq, "poison", {"x": x})
+    assert "refuses rows starting with -555" in exc.message()
+    ok = client.infer("poison", [_input(mod, "x", np.ones((1, 8), np.float32))])
+    assert ok.as_numpy("y").shape == (1, 4)
 
 
 def _occupy_sleepy(doors: Doors) -> tuple[threading.Thread, list]:
@@ -442,7 +457,7 @@ def test_a_killed_gateway_is_restarted_on_the_same_ports(doors):
     assert not process_alive(old)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_the_gateway_stops_with_the_pool(models, sig):
     pool = Pool([{"name": "a", "path": str(models.a)}], gateway=True)
     try:
@@ -451,7 +466,7 @@ def test_the_gateway_stops_with_the_pool(models, sig):
         assert process_alive(pid)
     finally:
         code = pool.stop(sig)
-    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), pool.read_log()
     wait_until(lambda: not process_alive(pid), 10.0, what="gateway gone")
 
 
