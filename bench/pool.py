@@ -7,6 +7,7 @@ models need ``custom_layers``) and the repository root.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,11 +57,14 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(path: Path, models: list[dict], metrics: Mapping[str, Any] | None = None, **pool: Any) -> Path:
-    """A pool.toml with a ``[pool]`` table, a ``[metrics]`` table if given and one ``[[models]]`` table per model."""
+def write_config(path: Path, models: list[dict], tables: Mapping[str, Mapping[str, Any]] | None = None,
+                 **pool: Any) -> Path:
+    """A pool.toml with a ``[pool]`` table, other tables (``[http]``, ``[grpc]``) and one ``[[models]]`` table
+    per model."""
     lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
-    if metrics is not None:
-        lines += ["\n[metrics]"] + [f"{k} = {toml_value(v)}" for k, v in metrics.items()]
+    for name, table in (tables or {}).items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     for model in models:
         lines.append("\n[[models]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in model.items()]
@@ -84,25 +88,34 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+# Where `modelpool serve` says the KServe V2 doors listen.
+_DOOR_LINE = re.compile(r"KServe V2 (HTTP|gRPC) listening on (?:http://)?(\S+):(\d+)")
+
+
 class Pool:
     """A launcher process serving some models on a private ipc:// frontend (unless ``frontend`` is given).
 
     ``settings`` are ``[pool]`` defaults under the keyword arguments: ``TEST_SETTINGS`` (fast heartbeats)
     for tests, ``SERVING_SETTINGS`` (the pool's own defaults) for measurements. ``metrics`` is the
     ``[metrics]`` table; by default the pool serves them on a free loopback port (``metrics_url``), so
-    that pools side by side never race for the default port.
+    that pools side by side never race for the default port. The KServe V2 gateway is off unless
+    ``gateway``: then HTTP and gRPC listen on ports the OS picks (no collisions between pools running at
+    once), read back from the launcher's output by ``gateway_ports``.
     """
 
     def __init__(self, models: list[dict], *, ready_timeout: float = 180.0, wait_ready: bool = True,
                  settings: Mapping[str, Any] = TEST_SETTINGS, metrics: Mapping[str, Any] | None = None,
-                 **pool: Any) -> None:
+                 gateway: bool = False, http: Mapping[str, Any] | None = None,
+                 grpc: Mapping[str, Any] | None = None, **pool: Any) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
         self.endpoint = pool.pop("frontend", f"ipc://{self.dir}/front.ipc")
         pool = {**settings, **pool}
         metrics = {"port": free_port(), **(metrics or {})}
         self.metrics_url = (f"http://{metrics.get('host', '127.0.0.1')}:{metrics['port']}/metrics"
                             if metrics.get("enabled", True) else None)
-        self.config = write_config(self.dir / "pool.toml", models, metrics, frontend=self.endpoint, **pool)
+        door = {"enabled": True, "port": 0} if gateway else {"enabled": False}
+        tables = {"metrics": metrics, "http": {**door, **(http or {})}, "grpc": {**door, **(grpc or {})}}
+        self.config = write_config(self.dir / "pool.toml", models, tables, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")
         self._final_log: str | None = None  # kept by stop(), which removes the directory
@@ -131,6 +144,16 @@ class Pool:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"pool not ready in {timeout}s; launcher log:\n{self.read_log()}")
+
+    def gateway_ports(self, timeout: float = 30.0) -> dict[str, tuple[str, int]]:
+        """{"http": (host, port), "grpc": (host, port)} as the launcher printed them (for the open doors)."""
+        def found() -> dict[str, tuple[str, int]]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.read_log()}")
+            doors = {kind.lower(): (host, int(port)) for kind, host, port in _DOOR_LINE.findall(self.read_log())}
+            return doors if doors else {}
+
+        return wait_until(found, timeout, what="the gateway's ports in the launcher's output")
 
     def read_log(self) -> str:
         """The launcher's output so far (after ``stop``: all of it)."""

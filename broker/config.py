@@ -66,36 +66,68 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    """The Prometheus endpoint (`[metrics]`): http://host:port/metrics, served by the broker process."""
+class ListenConfig:
+    """Where one HTTP door of the pool listens: ``[metrics]``, ``[http]`` or ``[grpc]``."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = DEFAULT_METRICS_PORT
+    port: int = 0  # 0: the OS picks a free port (printed at start)
+
+    table = ""  # the TOML table, for messages
 
     def __post_init__(self) -> None:
+        where = f"[{self.table}]"
         if not isinstance(self.enabled, bool):
-            raise ConfigError(f"metrics.enabled must be true or false, got {self.enabled!r}")
-        if not isinstance(self.host, str) or not self.host or any(c in self.host for c in "/[] \t"):
-            raise ConfigError(f"metrics.host must be an IP address or host name like 127.0.0.1, got {self.host!r}")
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
-            raise ConfigError(f"metrics.port must be an integer from 1 to 65535, got {self.port!r} "
-                              "(set metrics.enabled = false to serve no metrics)")
+            raise ConfigError(f"{where}.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.host, str) or not self.host or any(c in self.host for c in " \t/[]"):
+            raise ConfigError(f"{where}.host must be an IP address or host name like 127.0.0.1, got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"{where}.port must be an integer from 0 to 65535 (0: any free port), got {self.port!r}")
 
     @property
     def local(self) -> bool:
         """True when only this host can reach it (a loopback address)."""
-        return _is_local(f"tcp://{self.host}:{self.port}")
+        return _is_local_host(self.host)
 
 
-def metrics_port_flag(text: str) -> int:
-    """The value of --metrics-port: a port number, or 0 for "off" (argparse type; ValueError otherwise)."""
-    if text.strip().lower() == "off":
-        return 0
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range")
-    return port
+@dataclass(frozen=True)
+class MetricsConfig(ListenConfig):
+    """The Prometheus endpoint: http://host:port/metrics, served by the broker process."""
+
+    port: int = DEFAULT_METRICS_PORT
+    table = "metrics"
+
+
+@dataclass(frozen=True)
+class DoorConfig(ListenConfig):
+    """One KServe V2 door of the gateway process."""
+
+    default_timeout: float = 30.0  # seconds a request may take when it sets no deadline of its own
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.default_timeout
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"[{self.table}].default_timeout must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HttpConfig(DoorConfig):
+    """The KServe V2 HTTP/REST door; Triton's default port."""
+
+    port: int = 8000
+    table = "http"
+
+
+@dataclass(frozen=True)
+class GrpcConfig(DoorConfig):
+    """The KServe V2 gRPC door; Triton's default port."""
+
+    port: int = 8001
+    table = "grpc"
+
+
+_DOORS = {"metrics": MetricsConfig, "http": HttpConfig, "grpc": GrpcConfig}  # TOML table -> its config
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,8 @@ class PoolConfig:
     exit_on_error: bool = True  # a model that fails to load at start stops the pool (Triton's --exit-on-error)
     mmi_detail: bool = False  # mmi.models answers {"detail": true} with worker ids and pids (operators)
     metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
+    grpc: GrpcConfig = GrpcConfig()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -146,13 +180,7 @@ class PoolConfig:
                 f"pool.backend {self.backend!r} is a tcp:// endpoint: with no CurveZMQ yet, anything that can "
                 "connect to it can register as a worker and receive requests; set pool.insecure_network = true "
                 "to accept that (remote workers on a trusted network), or leave backend unset for a private ipc://")
-        if not isinstance(self.metrics, MetricsConfig):
-            raise ConfigError(f"metrics must be a table: [metrics], got {self.metrics!r}")
-        if self.metrics.enabled and not self.metrics.local and not self.insecure_network:
-            raise ConfigError(
-                f"metrics.host {self.metrics.host!r} is not a loopback address: the metrics endpoint has no "
-                "authentication, and its figures (models, request rates) are for the operator; bind to "
-                "127.0.0.1 or [::1], or set pool.insecure_network = true on a trusted network")
+        self._check_doors()
         _positive_int(self.max_message_bytes, "pool.max_message_bytes")
         _positive_int(self.max_queued_bytes, "pool.max_queued_bytes")
         if self.max_queued_bytes < self.max_message_bytes:
@@ -170,23 +198,32 @@ class PoolConfig:
         if not isinstance(self.log_level, str) or self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"pool.log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
+    def _check_doors(self) -> None:
+        for table, kind in _DOORS.items():
+            door = getattr(self, table)
+            if not isinstance(door, kind):
+                raise ConfigError(f"{table} must be a table: [{table}]")
+            if door.enabled and not self.insecure_network and not door.local:
+                what = ("the metrics endpoint has no authentication, and its figures (models, request rates) are "
+                        "for the operator" if table == "metrics" else "the KServe V2 doors have no TLS or authentication")
+                raise ConfigError(
+                    f"[{table}].host {door.host!r} is not a loopback address: {what}; bind to 127.0.0.1 or ::1, or "
+                    "set pool.insecure_network = true on a trusted network (or behind a proxy that adds them)")
+
     def with_overrides(self, **changes: Any) -> PoolConfig:
         """A copy with some pool keys replaced (CLI flags), validated again."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def with_metrics_port(self, port: int | None) -> PoolConfig:
-        """A copy serving metrics on another port (--metrics-port); 0 turns them off, None changes nothing."""
-        if port is None:
-            return self
-        metrics = replace(self.metrics, enabled=False) if port == 0 else replace(self.metrics, enabled=True, port=port)
-        return replace(self, metrics=metrics)
 
 
 def _is_local(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
     if not endpoint.startswith("tcp://"):
         return True
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return _is_local_host(endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
+
+
+def _is_local_host(host: str) -> bool:
+    """True for localhost, ::1 and 127.x.y.z."""
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
@@ -201,14 +238,21 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", "metrics"}
+_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", *_DOORS}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
-_METRICS_KEYS = {f.name for f in fields(MetricsConfig)}
+
+
+def _door(data: dict, kind: type[ListenConfig]) -> ListenConfig:
+    table = data.get(kind.table, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{kind.table} must be a table: [{kind.table}]")
+    _check_keys(table, {f.name for f in fields(kind)}, f"[{kind.table}]")
+    return kind(**table)
 
 
 def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     """Build a PoolConfig from parsed TOML; model paths are relative to ``base_dir``."""
-    _check_keys(data, {"pool", "models", "metrics"}, "top level")
+    _check_keys(data, {"pool", "models", *_DOORS}, "top level")
     pool = data.get("pool", {})
     if not isinstance(pool, dict):
         raise ConfigError("pool must be a table: [pool]")
@@ -216,10 +260,6 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     tables = data.get("models", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("models must be an array of tables: [[models]]")
-    metrics = data.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise ConfigError("metrics must be a table: [metrics]")
-    _check_keys(metrics, _METRICS_KEYS, "[metrics]")
     models = []
     for i, table in enumerate(tables):
         _check_keys(table, _MODEL_KEYS, f"[[models]] #{i + 1}")
@@ -233,7 +273,8 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
         imports = tuple(imports) if isinstance(imports, list) else imports
         models.append(ModelConfig(**{**table, "path": str(path), "imports": imports}))
     try:
-        return PoolConfig(models=tuple(models), metrics=MetricsConfig(**metrics), **pool)
+        return PoolConfig(models=tuple(models), **{table: _door(data, kind) for table, kind in _DOORS.items()},
+                          **pool)
     except TypeError as exc:  # wrong value types reaching dataclass defaults
         raise ConfigError(str(exc)) from None
 

@@ -19,6 +19,7 @@ from typing import Callable
 import zmq
 
 from modelpool.broker.config import PoolConfig
+from modelpool.broker.gateway import GatewaySupervisor
 from modelpool.broker.state import PoolState
 from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
 from modelpool.client.protocol import REQUEST_TENSORS, WORKER_CONTROL, encode_disconnect, quote
@@ -83,7 +84,8 @@ class Broker:
     """One pool: sockets, routing state and the local worker supervisor."""
 
     def __init__(self, config: PoolConfig, *, supervise: bool = True,
-                 on_ready: Callable[[Broker], None] | None = None) -> None:
+                 on_ready: Callable[[Broker], None] | None = None,
+                 on_gateway: Callable[[Broker, dict[str, int]], None] | None = None) -> None:
         self.config = config
         self._tmpdir = None
         backend = config.backend
@@ -113,6 +115,9 @@ class Broker:
         self.frontend = self._router(config.frontend, config.max_message_bytes)
         self.backend = self._router(backend, config.max_message_bytes)
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        # The KServe V2 doors, in a process of their own that is a client of the frontend.
+        self.gateway = GatewaySupervisor(config, self.frontend_endpoint, version=_version()) if supervise else None
+        self.on_gateway = on_gateway
 
     def _router(self, endpoint: str, max_bytes: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -169,6 +174,7 @@ class Broker:
         if wake is not None:
             poller.register(wake, zmq.POLLIN)
         watched: dict[int, object] = {}
+        gateway_fds: list[int] = []
         exiting: list[Slot] = []  # sentinel fired, process not reaped yet
         interval = self.config.heartbeat_interval
         next_heartbeat = time.monotonic() + interval
@@ -179,6 +185,7 @@ class Broker:
                 if sup is not None and sup.start_due():  # sentinels change only when a worker starts
                     self._sync_starting()
                     watched = self._watch(poller, watched, sup.sentinels())
+                gateway_fds = self._start_gateway(poller, gateway_fds)
                 timeout = _REAP_POLL_MS if exiting else self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
                 received = 0
@@ -193,6 +200,10 @@ class Broker:
                     poller.unregister(fd)
                 if exiting:
                     exiting = [slot for slot in exiting if not self._reap(slot)]
+                if gateway_fds and any(fd in events for fd in gateway_fds):
+                    gateway_fds = self._gateway_events(poller, gateway_fds, events)
+                    if self.gateway_failed():
+                        return self._finish(forced=False)
                 state.tick()
                 self._handle_lost()
                 now = time.monotonic()
@@ -224,6 +235,10 @@ class Broker:
             candidates.append(now + 0.05)
         if self._fail_by is not None:
             candidates.append(self._fail_by)
+        if self.gateway is not None:
+            restart = self.gateway.next_restart()
+            if restart is not None:
+                candidates.append(restart)
         return max(0, int((min(candidates) - now) * 1000) + 1)
 
     def _drain_frontend(self) -> int:
@@ -295,6 +310,39 @@ class Broker:
         self._sync_starting()
         return True
 
+    def _start_gateway(self, poller: zmq.Poller, fds: list[int]) -> list[int]:
+        """Start the gateway when due; the fds polled for it."""
+        gateway = self.gateway
+        if gateway is None or not gateway.start_due():
+            return fds
+        for fd in gateway.fds():
+            poller.register(fd, zmq.POLLIN)
+        return gateway.fds()
+
+    def _gateway_events(self, poller: zmq.Poller, fds: list[int], events: dict) -> list[int]:
+        """Read the gateway's reports; reap it when it exited. Returns the fds now polled."""
+        gateway = self.gateway
+        ports = gateway.read_reports()
+        if ports is not None and self.on_gateway is not None:
+            self.on_gateway(self, ports)
+        process = gateway.process
+        if process is not None and process.sentinel in events:
+            gateway.reap()  # None: not collectable yet, and its sentinel stays readable for the next poll
+        keep = gateway.fds()
+        for fd in fds:
+            if fd not in keep:
+                poller.unregister(fd)
+        return keep
+
+    def gateway_failed(self) -> bool:
+        """The gateway could not bind at start and exit_on_error says stop."""
+        gateway = self.gateway
+        if gateway is None or gateway.started_once or gateway.error is None or not self.config.exit_on_error:
+            return False
+        log.error("KServe V2 gateway failed to start: %s; stopping the pool", gateway.error)
+        self.exit_code = EXIT_GATEWAY_FAILED
+        return True
+
     def _sync_starting(self) -> None:
         for name, count in self.supervisor.starting_counts().items():
             self.state.set_starting(name, count)
@@ -343,15 +391,21 @@ class Broker:
             self.state.stop_admitting()
             if self.supervisor is not None:
                 self.supervisor.stopping = True
+            if self.gateway is not None:
+                self.gateway.stop_admitting()  # it finishes its requests in flight while the broker drains
             stop_by = time.monotonic() + self.config.drain_timeout
         return stop_by
 
     def _finish(self, *, forced: bool) -> int:
         if forced:
+            if self.gateway is not None:
+                self.gateway.kill()
             if self.supervisor is not None:
                 self.supervisor.kill_all()
             self.exit_code = 1
         else:
+            if self.gateway is not None:
+                self.gateway.stop(timeout=5.0)
             self.state.disconnect_all()
             self._flush()
             if self.supervisor is not None:
@@ -361,6 +415,8 @@ class Broker:
 
     def close(self) -> None:
         """Close sockets, terminate the context, remove the private ipc directory."""
+        if self.gateway is not None:
+            self.gateway.kill()
         if self.supervisor is not None:
             self.supervisor.kill_all()
         if self.metrics_server is not None:
@@ -375,6 +431,15 @@ class Broker:
 
 class _ForcedStop(Exception):
     pass
+
+
+EXIT_GATEWAY_FAILED = 4  # serve: the KServe V2 gateway could not bind its ports at start
+
+
+def _version() -> str:
+    from modelpool import __version__
+
+    return __version__
 
 
 _TMP_PREFIX = "modelpool-"

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_POOL_ERROR = 1  # the pool answered with an error, or did not answer
 EXIT_USAGE = 2  # bad arguments or an unreadable input file (argparse exits 2 as well)
 EXIT_LOAD_FAILED = 3  # serve: a model failed to load at start (see pool.exit_on_error)
+EXIT_GATEWAY_FAILED = 4  # serve: the KServe V2 gateway could not bind its ports at start
 
 
 def demo_config(frontend: str | None) -> PoolConfig:
@@ -56,6 +58,53 @@ def _announce(broker: object) -> None:
     print("\n".join(lines), flush=True)
 
 
+def gateway_lines(config: PoolConfig, ports: dict[str, int]) -> list[str]:
+    """Where the KServe V2 doors listen, as `modelpool serve` prints it."""
+    lines = []
+    if "http" in ports:
+        host = _url_host(config.http.host)
+        lines.append(f"KServe V2 HTTP listening on http://{host}:{ports['http']} "
+                     f"(e.g. curl http://{host}:{ports['http']}/v2/health/ready)")
+    if "grpc" in ports:
+        lines.append(f"KServe V2 gRPC listening on {_url_host(config.grpc.host)}:{ports['grpc']}")
+    return lines
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce_gateway(broker: object, ports: dict[str, int]) -> None:
+    print("\n".join(gateway_lines(broker.config, ports)), flush=True)  # type: ignore[attr-defined]
+
+
+def door_port(text: str) -> int | None:
+    """A --metrics-port/--http-port/--grpc-port value: a port number (0: any free port) or "off" (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535 (0: any free port) or 'off', got {text}")
+    return port
+
+
+_UNSET = -1  # a --metrics-port/--http-port/--grpc-port flag not given
+
+
+def apply_door_flags(cfg: PoolConfig, ports: dict[str, int | None]) -> PoolConfig:
+    """The config with the --metrics-port/--http-port/--grpc-port flags applied: ``ports`` maps
+    "metrics", "http" and "grpc" to a port (0: any free port), None (off) or _UNSET (as configured)."""
+    changes = {}
+    for key, port in ports.items():
+        if port != _UNSET:
+            door = getattr(cfg, key)
+            changes[key] = replace(door, enabled=False) if port is None else replace(door, enabled=True, port=port)
+    return cfg.with_overrides(**changes) if changes else cfg
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the pool in the foreground until SIGINT/SIGTERM."""
     from modelpool.broker.exporter import MetricsError
@@ -71,14 +120,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file with -c pool.toml, or --demo")
         if args.log_level:
             cfg = cfg.with_overrides(log_level=args.log_level)
-        cfg = cfg.with_metrics_port(args.metrics_port)
+        cfg = apply_door_flags(cfg, {"metrics": args.metrics_port, "http": args.http_port, "grpc": args.grpc_port})
     except ConfigError as exc:
         print(f"modelpool: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        broker = Broker(cfg, on_ready=_announce)
+        broker = Broker(cfg, on_ready=_announce, on_gateway=_announce_gateway)
     except Exception as exc:  # zmq.ZMQError for an address in use, mostly
         print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
         return 1
@@ -93,6 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = broker.run()
     finally:
         broker.close()
+    if code == EXIT_GATEWAY_FAILED:
+        _fail(f"cannot start the KServe V2 gateway: {broker.gateway.error}; choose other ports with --http-port/"
+              "--grpc-port (or [http]/[grpc] port in the config), or turn a door off with 'off'", code)
     if code == EXIT_LOAD_FAILED:
         for entry in broker.state.models.values():
             if entry.load_error and entry.ready == 0:
@@ -399,13 +451,6 @@ def _add_client_options(parser: argparse.ArgumentParser, timeout: float) -> None
                         help=f"seconds to wait for the answer, one resend included (default: {timeout:g})")
 
 
-def _metrics_port(text: str) -> int:
-    try:
-        return pool_config.metrics_port_flag(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 or off, got {text!r}") from None
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -434,10 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="serve the bundled digits classifier")
     serve.add_argument("--frontend", help="client endpoint, e.g. tcp://127.0.0.1:5555 (overrides the config)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
-    serve.add_argument("--metrics-port", type=_metrics_port, metavar="PORT",
-                       help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: [metrics] host, "
-                       f"127.0.0.1 by default); 0 or off: no metrics (default: [metrics] port, "
-                       f"{pool_config.DEFAULT_METRICS_PORT})")
+    serve.add_argument("--metrics-port", type=door_port, default=_UNSET, metavar="PORT|off",
+                       help="Prometheus metrics on http://HOST:PORT/metrics (default "
+                       f"{pool_config.DEFAULT_METRICS_PORT}, or [metrics] port; 0: any free port; off: no metrics)")
+    serve.add_argument("--http-port", type=door_port, default=_UNSET, metavar="PORT|off",
+                       help="KServe V2 HTTP port (default 8000, or [http] port; 0: any free port; off: no HTTP)")
+    serve.add_argument("--grpc-port", type=door_port, default=_UNSET, metavar="PORT|off",
+                       help="KServe V2 gRPC port (default 8001, or [grpc] port; 0: any free port; off: no gRPC)")
     serve.set_defaults(func=cmd_serve)
 
     fmt = argparse.RawDescriptionHelpFormatter

@@ -189,7 +189,7 @@ def test_deadline_in_broker_queue_gives_504_and_next_request_is_not_stale(fpool,
             first = ex.submit(c.predict, "sleepy", slow, timeout=30.0)
             time.sleep(0.2)  # the slow request occupies the only slot (capacity 1)
             started = time.monotonic()
-            with pytest.raises(errors.RequestTimeout) as info:
+            with pytest.raises(errors.RequestTimeout):
                 c.predict("sleepy", np.ones((1, 8), "float32"), timeout=0.05)
             assert time.monotonic() - started < 0.9
             assert first.result(30).shape == (1, 4)

@@ -15,7 +15,6 @@ import pytest
 import zmq
 
 from modelpool.client import protocol
-from modelpool.client.protocol import Command
 from fakepool import EchoWorker, FakePool
 from poolutil import wait_until
 

@@ -23,6 +23,7 @@ import logging, modelpool, modelpool.client.protocol as p
 from modelpool import AsyncClient, Client, InvalidInput, PoolError, RequestTimeout
 from modelpool.broker.config import PoolConfig
 from modelpool.modelproc.worker import main
+from modelpool.broker.gateway import GatewaySupervisor  # the launcher side needs no server packages
 assert p.CLIENT == b"MDPC01"
 assert logging.getLogger("modelpool.client.sync").name.startswith("modelpool.")
 print("ok", modelpool.__file__)
@@ -44,6 +45,9 @@ def test_the_wheel_installs_one_top_level_name(wheel):
     top = sorted({name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))})
     assert top == ["modelpool"], top
     assert "modelpool/client/protocol.py" in names and "modelpool/modelproc/demo/digits.keras" in names
+    # the KServe V2 gateway with its checked-in generated gRPC code and the .proto it comes from
+    assert {"modelpool/gateway/process.py", "modelpool/gateway/grpc_predict_v2_pb2.py",
+            "modelpool/gateway/grpc_predict_v2_pb2_grpc.py", "modelpool/gateway/grpc_predict_v2.proto"} <= set(names)
     assert not any(name.startswith("modelpool/scripts/") or "/tests/" in name for name in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:

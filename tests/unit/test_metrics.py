@@ -423,14 +423,14 @@ def test_metrics_table_defaults_and_values(tmp_path):
 
 
 @pytest.mark.parametrize("table, needle", [
-    ({"port": 0}, "metrics.port must be an integer from 1 to 65535, got 0"),
-    ({"port": 70000}, "metrics.port must be an integer from 1 to 65535"),
-    ({"port": "8002"}, "metrics.port must be an integer"),
-    ({"enabled": "yes"}, "metrics.enabled must be true or false"),
-    ({"host": ""}, "metrics.host must be an IP address or host name"),
-    ({"host": "[::1]"}, "metrics.host must be an IP address or host name"),
+    ({"port": -1}, r"\[metrics\]\.port must be an integer from 0 to 65535 \(0: any free port\), got -1"),
+    ({"port": 70000}, r"\[metrics\]\.port must be an integer from 0 to 65535"),
+    ({"port": "8002"}, r"\[metrics\]\.port must be an integer"),
+    ({"enabled": "yes"}, r"\[metrics\]\.enabled must be true or false"),
+    ({"host": ""}, r"\[metrics\]\.host must be an IP address or host name"),
+    ({"host": "[::1]"}, r"\[metrics\]\.host must be an IP address or host name"),
     ({"path": "/m"}, r"\[metrics\]: unknown key\(s\) path; allowed: enabled, host, port"),
-    ({"host": "0.0.0.0"}, "metrics.host '0.0.0.0' is not a loopback address.*insecure_network = true"),
+    ({"host": "0.0.0.0"}, r"\[metrics\]\.host '0.0.0.0' is not a loopback address.*insecure_network = true"),
 ])
 def test_metrics_config_errors_name_the_key(tmp_path, table, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -448,25 +448,23 @@ def test_metrics_must_be_a_table_and_a_public_host_needs_the_opt_in(tmp_path):
 
 
 def test_metrics_port_flag(tmp_path):
-    cfg = PoolConfig(models=(ModelConfig(**model_table(tmp_path)),))
-    assert cfg.with_metrics_port(None) is cfg
-    assert cfg.with_metrics_port(9100).metrics == MetricsConfig(port=9100)
-    assert not cfg.with_metrics_port(0).metrics.enabled
-    off = PoolConfig(models=cfg.models, metrics=MetricsConfig(enabled=False))
-    assert off.with_metrics_port(9100).metrics.enabled  # the flag turns them on again
-    assert pool_config.metrics_port_flag("off") == 0 and pool_config.metrics_port_flag("OFF") == 0
-    assert pool_config.metrics_port_flag("0") == 0 and pool_config.metrics_port_flag("9100") == 9100
-    for bad in ("-1", "65536", "http"):
-        with pytest.raises(ValueError):
-            pool_config.metrics_port_flag(bad)
-
-
-def test_serve_parses_the_metrics_flag():
     from modelpool import cli
 
-    parser = cli.build_parser()
-    assert parser.parse_args(["serve", "--demo", "--metrics-port", "off"]).metrics_port == 0
-    assert parser.parse_args(["serve", "--demo", "--metrics-port", "9100"]).metrics_port == 9100
-    assert parser.parse_args(["serve", "--demo"]).metrics_port is None
-    with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--demo", "--metrics-port", "eighty"])
+    cfg = PoolConfig(models=(ModelConfig(**model_table(tmp_path)),))
+    parse = cli.build_parser().parse_args
+
+    def flagged(config: PoolConfig, *flag: str) -> PoolConfig:
+        args = parse(["serve", "--demo", *flag])
+        return cli.apply_door_flags(config, {"metrics": args.metrics_port, "http": args.http_port,
+                                             "grpc": args.grpc_port})
+
+    assert flagged(cfg) is cfg
+    assert flagged(cfg, "--metrics-port", "9100").metrics == MetricsConfig(port=9100)
+    assert flagged(cfg, "--metrics-port", "0").metrics == MetricsConfig(port=0)  # any free port
+    assert not flagged(cfg, "--metrics-port", "off").metrics.enabled
+    assert not flagged(cfg, "--metrics-port", "OFF").metrics.enabled
+    off = PoolConfig(models=cfg.models, metrics=MetricsConfig(enabled=False))
+    assert flagged(off, "--metrics-port", "9100").metrics.enabled  # the flag turns them on again
+    for bad in ("-1", "65536", "eighty"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--demo", "--metrics-port", bad])

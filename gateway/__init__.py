@@ -1,0 +1,1 @@
+"""KServe V2 (Open Inference Protocol) front door over HTTP and gRPC, in its own process."""
