@@ -13,6 +13,7 @@ made cumulative only for export.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -152,7 +153,8 @@ class ModelMetrics:
     - compute / batch: per model call a worker reports (seconds, rows), from its REPLIES.
     """
 
-    __slots__ = ("success", "failures", "request_ok", "request_failed", "queue", "compute", "batch", "restarts")
+    __slots__ = ("success", "failures", "request_ok", "request_failed", "queue", "compute", "batch", "restarts",
+                 "last_call_ms")
 
     def __init__(self) -> None:
         self.success = 0
@@ -163,6 +165,7 @@ class ModelMetrics:
         self.compute = Histogram(DURATION_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
         self.restarts = 0  # local worker processes that exited and were restarted by the launcher
+        self.last_call_ms = 0  # Unix time in ms when the broker last heard of a model call (0: never)
 
     def succeeded(self, seconds: float) -> None:
         """A request answered 200, ``seconds`` after its admission."""
@@ -190,6 +193,8 @@ class ModelMetrics:
             seconds_sum += seconds
             rows_sum += rows
         compute.sum, batch.sum = seconds_sum, rows_sum
+        if calls:
+            self.last_call_ms = time.time_ns() // 1_000_000
 
     @property
     def failed_total(self) -> int:

@@ -236,6 +236,7 @@ class ModelEntry:
             "executions": m.compute.count,
             "inferences": int(m.batch.sum),
             "compute_seconds": round(m.compute.sum, 6),
+            "last_call_ms": m.last_call_ms,
             "worker_restarts": m.restarts,
             "load_seconds": self.load_seconds,
             "memory_bytes": self.memory_bytes,

@@ -200,25 +200,25 @@ def _duration(count: Any, seconds: Any) -> dict:
 def model_statistics(entry: dict) -> dict:
     """Triton's statistics extension entry for one model, from its ``mmi.models`` entry.
 
-    The pool counts requests (``served``, ``errors``, ``client_errors``), queue time, batches and, where
-    the broker reports them, compute and request time and success/failure counts; what it does not
-    count is 0.
+    The broker counts requests by outcome with their durations (from admission to answer), queue time,
+    and the model calls its workers report (executions, rows, compute time); Triton's finer split of
+    compute time (input, infer, output) and its per-batch-size table are not measured: compute_infer
+    holds all of it and batch_stats is empty.
     """
     def num(key: str) -> Any:
         value = entry.get(key)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
-    success = entry["success"] if "success" in entry else num("served")
-    failed = entry["failed"] if "failed" in entry else num("errors") + num("client_errors")
     return {
         "name": entry.get("name", ""), "version": str(entry.get("version") or ""),
-        "last_inference": 0, "inference_count": num("served"), "execution_count": num("batches"),
+        "last_inference": int(num("last_call_ms")), "inference_count": int(num("inferences")),
+        "execution_count": num("executions"),
         "inference_stats": {
-            "success": _duration(success, num("request_seconds")),
-            "fail": _duration(failed, 0),
+            "success": _duration(num("success"), num("request_seconds")),
+            "fail": _duration(num("failed"), num("failed_request_seconds")),
             "queue": _duration(num("dispatched"), num("queue_seconds")),
             "compute_input": _duration(0, 0),
-            "compute_infer": _duration(num("batches") if "compute_seconds" in entry else 0, num("compute_seconds")),
+            "compute_infer": _duration(num("executions"), num("compute_seconds")),
             "compute_output": _duration(0, 0),
         },
         "batch_stats": [],

@@ -288,8 +288,10 @@ def test_statistics(triton, doors):
     stats = client.get_inference_statistics("a", as_json=True) if mod is tgrpc else client.get_inference_statistics("a")
     (entry,) = stats["model_stats"]
     assert entry["name"] == "a" and entry["version"] == "1"
-    assert int(entry["inference_count"]) >= 1
+    assert int(entry["inference_count"]) >= 1 and int(entry["execution_count"]) >= 1
     assert int(entry["inference_stats"]["success"]["count"]) >= 1
+    assert int(entry["inference_stats"]["compute_infer"]["ns"]) > 0
+    assert abs(int(entry["last_inference"]) / 1000 - time.time()) < 600  # Unix ms of a recent model call
 
 
 # --- raw HTTP: the V2 JSON shapes and hostile input ------------------------------------------

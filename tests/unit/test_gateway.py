@@ -160,16 +160,18 @@ def test_metadata_statistics_and_versions():
     assert v2.model_metadata(meta, "2") == {"name": "m", "versions": ["2"], "platform": "keras",
                                             "inputs": meta["inputs"], "outputs": meta["outputs"]}
     assert v2.model_metadata({**meta, "platform": "tensorflow_savedmodel"}, "2")["platform"] == "tensorflow"
-    old = v2.model_statistics({"name": "m", "version": "2", "served": 5, "errors": 1, "client_errors": 2,
-                               "dispatched": 6, "queue_seconds": 0.5, "batches": 3})
-    assert old["inference_count"] == 5 and old["execution_count"] == 3
-    assert old["inference_stats"]["success"] == {"count": 5, "ns": 0}
-    assert old["inference_stats"]["fail"] == {"count": 3, "ns": 0}
-    assert old["inference_stats"]["queue"] == {"count": 6, "ns": 500_000_000}
-    new = v2.model_statistics({"name": "m", "served": 5, "batches": 3, "success": 4, "failed": 1,
-                               "compute_seconds": 0.25, "request_seconds": 1.0})
-    assert new["inference_stats"]["success"] == {"count": 4, "ns": 1_000_000_000}
-    assert new["inference_stats"]["compute_infer"] == {"count": 3, "ns": 250_000_000}
+    stats = v2.model_statistics({"name": "m", "version": "2", "success": 4, "failed": 3, "dispatched": 6,
+                                 "queue_seconds": 0.5, "executions": 3, "inferences": 5.0, "compute_seconds": 0.25,
+                                 "request_seconds": 1.0, "failed_request_seconds": 0.125,
+                                 "last_call_ms": 1_790_000_000_000})
+    assert stats["inference_count"] == 5 and stats["execution_count"] == 3
+    assert stats["last_inference"] == 1_790_000_000_000
+    assert stats["inference_stats"]["success"] == {"count": 4, "ns": 1_000_000_000}
+    assert stats["inference_stats"]["fail"] == {"count": 3, "ns": 125_000_000}
+    assert stats["inference_stats"]["queue"] == {"count": 6, "ns": 500_000_000}
+    assert stats["inference_stats"]["compute_infer"] == {"count": 3, "ns": 250_000_000}
+    assert v2.model_statistics({"name": "m", "success": True, "failed": "3"})["inference_stats"]["success"] == {
+        "count": 0, "ns": 0}  # what is not a number reads as 0
     v2.check_version("m", "", "2")
     v2.check_version("m", "2", "2")
     with pytest.raises(ModelNotFound, match='model "m" has no version "3"; this pool serves version "2"'):
