@@ -35,7 +35,8 @@ class GatewaySupervisor:
             frontend=frontend, http_host=http.host, http_port=http.port if http.enabled else None,
             grpc_host=grpc.host, grpc_port=grpc.port if grpc.enabled else None,
             http_timeout=http.default_timeout, grpc_timeout=grpc.default_timeout,
-            max_message_bytes=config.max_message_bytes, version=version, parent_pid=os.getpid(),
+            max_message_bytes=config.max_message_bytes, max_reading_bytes=config.max_queued_bytes, version=version,
+            parent_pid=os.getpid(),
             log_level=config.log_level)
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None

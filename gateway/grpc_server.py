@@ -198,10 +198,11 @@ class GrpcDoor(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def make_server(backend: Backend, host: str, port: int, *, max_message_bytes: int,
-                default_timeout: float) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with the door added and bound; (server, the port bound)."""
+                default_timeout: float, max_concurrent: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with the door added and bound; (server, the port bound). Past
+    ``max_concurrent`` calls at once, grpc answers RESOURCE_EXHAUSTED."""
     limit = max_message_bytes + (1 << 20)  # tensors plus the protobuf around them
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent, options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),  # a port in use is an error, never shared with another server
     ])

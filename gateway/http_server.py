@@ -6,6 +6,7 @@ with the pool's status (400, 404, 429, 500, 501, 503, 504); nothing reaches a cl
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any, Awaitable, Callable
@@ -57,6 +58,12 @@ def _answers_errors(handler: Handler) -> Handler:
     return run
 
 
+class BodyTimeout(InvalidInput):
+    """The client sent its body too slowly: HTTP 408 (an HTTP-only status; never on the wire)."""
+
+    status = b"408"
+
+
 def _health(ok: bool) -> Response:
     # V2: 200 means true and a 4xx false, with an empty body.
     return Response(status_code=200 if ok else 400)
@@ -65,10 +72,16 @@ def _health(ok: bool) -> Response:
 class HttpDoor:
     """Route handlers over one Backend; ``app`` is the Starlette application."""
 
-    def __init__(self, backend: Backend, *, max_body: int, default_timeout: float) -> None:
+    def __init__(self, backend: Backend, *, max_body: int, default_timeout: float, max_reading: int | None = None,
+                 read_timeout: float | None = None) -> None:
         self.backend = backend
         self.max_body = max_body
         self.default_timeout = default_timeout
+        # Bodies still arriving are held here before the broker (and its max_queued_bytes) sees them:
+        # slow senders together may hold at most max_reading bytes, each for at most read_timeout seconds.
+        self.max_reading = max_reading if max_reading is not None else 8 * max_body
+        self.read_timeout = read_timeout if read_timeout is not None else default_timeout
+        self.reading = 0
         self.app = Starlette(routes=self._routes(), exception_handlers={HTTPException: self._http_error,
                                                                         Exception: self._internal_error})
 
@@ -145,18 +158,31 @@ class HttpDoor:
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused past the pool's message limit before it is all read."""
+        """The request body, refused past the pool's message limit before it is all read, and 408 when it
+        does not arrive within read_timeout."""
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             raise InvalidInput(f"request body of {declared} bytes is over the pool's {self.max_body}-byte message "
                                "limit; send fewer rows per request")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise InvalidInput(f"request body is over the pool's {self.max_body}-byte message limit; send "
-                                   "fewer rows per request")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+        held = 0
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                async for chunk in request.stream():
+                    held += len(chunk)
+                    self.reading += len(chunk)
+                    if held > self.max_body:
+                        raise InvalidInput(f"request body is over the pool's {self.max_body}-byte message limit; "
+                                           "send fewer rows per request")
+                    if self.reading > self.max_reading:
+                        raise Unavailable(f"the gateway is receiving {self.reading} bytes of request bodies at once "
+                                          f"(at most {self.max_reading}); retry later")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {self.read_timeout:g} s ({held} bytes "
+                              "received)") from None
+        finally:
+            self.reading -= held
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return v2.decompress(body, request.headers.get("content-encoding"), self.max_body)
 

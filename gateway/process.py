@@ -24,6 +24,7 @@ EXIT_BIND_FAILED = 4
 _PR_SET_PDEATHSIG = 1
 PARENT_POLL = 1.0  # seconds between checks that the launcher is still there
 GRACE = 10.0  # seconds requests in flight get to finish after SIGTERM
+MAX_CONCURRENCY = 1024  # HTTP connections and gRPC calls at once, per door (past it: HTTP 503, RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class GatewaySpec:
     http_timeout: float = 30.0
     grpc_timeout: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
+    max_reading_bytes: int = 512 * 1024 * 1024  # HTTP request bodies still arriving, all connections together
     version: str = ""
     parent_pid: int = 0
     log_level: str = "INFO"
@@ -131,9 +133,10 @@ async def _open_http(spec: GatewaySpec, backend: Any) -> tuple[Any, int]:
     from modelpool.gateway.http_server import HttpDoor
 
     sock = bind_http(spec.http_host, spec.http_port)
-    door = HttpDoor(backend, max_body=spec.max_message_bytes, default_timeout=spec.http_timeout)
+    door = HttpDoor(backend, max_body=spec.max_message_bytes, default_timeout=spec.http_timeout,
+                    max_reading=spec.max_reading_bytes)
     config = uvicorn.Config(door.app, log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACE, server_header=False)
+                            timeout_graceful_shutdown=GRACE, server_header=False, limit_concurrency=MAX_CONCURRENCY)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # this process's loop handles SIGTERM for both doors
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -155,7 +158,7 @@ async def _open_grpc(spec: GatewaySpec, backend: Any) -> tuple[Any, int]:
     from modelpool.gateway.grpc_server import make_server
 
     server, port = make_server(backend, spec.grpc_host, spec.grpc_port, max_message_bytes=spec.max_message_bytes,
-                               default_timeout=spec.grpc_timeout)
+                               default_timeout=spec.grpc_timeout, max_concurrent=MAX_CONCURRENCY)
     await server.start()
 
     async def close() -> None:

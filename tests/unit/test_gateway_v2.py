@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import json
 
@@ -280,3 +281,85 @@ def test_port_flags(tmp_path):
         "KServe V2 HTTP listening on http://127.0.0.1:8000 (e.g. curl http://127.0.0.1:8000/v2/health/ready)",
         "KServe V2 gRPC listening on 127.0.0.1:8001"]
     assert HttpConfig().port == 8000
+
+
+# --- the HTTP door over a fake backend: what a slow or greedy client gets ------------------------
+
+
+class _FakeBackend:
+    """Answers infer with the request's first input; raises ``error`` when set."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    async def infer(self, model, version, header, tensors, timeout):
+        if self.error is not None:
+            raise self.error
+        return protocol.Reply(model=b"m", rid=b"1", status=protocol.OK, header={"outputs": header["inputs"]}, tensors=list(tensors))
+
+
+def _door_client(backend, **limits):
+    import httpx
+
+    from modelpool.gateway.http_server import HttpDoor
+
+    door = HttpDoor(backend, max_body=1 << 16, default_timeout=5.0, **limits)
+    return door, httpx.AsyncClient(transport=httpx.ASGITransport(app=door.app), base_url="http://gateway")
+
+
+_BODY = json.dumps({"inputs": [_tensor(shape=(1, 2), data=[1.0, 2.0])]}).encode()
+
+
+async def _slow(body: bytes, pause: float, gate=None):
+    yield body[:10]
+    if gate is not None:
+        await gate.wait()
+    await asyncio.sleep(pause)
+    yield body[10:]
+
+
+@pytest.mark.timeout(30)
+def test_a_body_that_does_not_arrive_in_time_is_408_and_releases_its_bytes():
+    async def run():
+        door, http = _door_client(_FakeBackend(), read_timeout=0.2)
+        async with http:
+            slow = await http.post("/v2/models/m/infer", content=_slow(_BODY, 1.0))
+            fast = await http.post("/v2/models/m/infer", content=_BODY)
+        return door, slow, fast
+
+    door, slow, fast = asyncio.run(run())
+    assert slow.status_code == 408 and "did not arrive within 0.2 s" in slow.json()["error"]
+    assert fast.status_code == 200 and fast.json()["outputs"][0]["data"] == [1.0, 2.0]
+    assert door.reading == 0
+
+
+@pytest.mark.timeout(30)
+def test_bodies_arriving_together_past_the_budget_are_503_and_the_rest_go_through():
+    async def run():
+        door, http = _door_client(_FakeBackend(), max_reading=len(_BODY) + 5)
+        gate = asyncio.Event()
+        async with http:
+            first = asyncio.create_task(http.post("/v2/models/m/infer", content=_slow(_BODY, 0.0, gate)))
+            while door.reading < 10:  # the first body is half in
+                await asyncio.sleep(0.01)
+            second = await http.post("/v2/models/m/infer", content=_BODY)
+            gate.set()
+            return door, await first, second
+
+    door, first, second = asyncio.run(run())
+    assert second.status_code == 503 and "retry later" in second.json()["error"]
+    assert first.status_code == 200 and door.reading == 0
+
+
+def test_pool_errors_keep_their_status_on_the_http_door():
+    from modelpool.client.errors import Overloaded, RequestTimeout, Unavailable
+
+    async def status(error):
+        _, http = _door_client(_FakeBackend(error))
+        async with http:
+            reply = await http.post("/v2/models/m/infer", content=_BODY)
+        return reply.status_code, reply.json()["error"]
+
+    for error, code in ((Unavailable("model \"m\" failed to load: boom"), 503), (Overloaded("queue full"), 429),
+                        (RequestTimeout("late"), 504), (ModelNotFound("no m"), 404)):
+        assert asyncio.run(status(error)) == (code, str(error))
