@@ -35,6 +35,8 @@ class ModelConfig:
     threads: int = 0  # TensorFlow intra-op threads per replica; 0 = cores / replicas on this host
     device: str = "cpu"  # "cpu", or "gpu" / "gpu:N" on a GPU host
     imports: tuple[str, ...] = ()  # modules the worker imports before loading (custom layers)
+    max_requests: int = 0  # a replica that answered this many requests is replaced, successor warmed first (0: never)
+    max_memory_mb: float = 0.0  # a replica whose resident memory passes this is replaced the same way (0: never)
 
     def __post_init__(self) -> None:
         where = f"models[{self.name!r}]"
@@ -51,6 +53,13 @@ class ModelConfig:
         if (not isinstance(self.max_delay_ms, (int, float)) or isinstance(self.max_delay_ms, bool)
                 or not math.isfinite(self.max_delay_ms) or self.max_delay_ms < 0):  # TOML allows nan and inf
             raise ConfigError(f"{where}.max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
+        if not isinstance(self.max_requests, int) or isinstance(self.max_requests, bool) or self.max_requests < 0:
+            raise ConfigError(f"{where}.max_requests must be an integer >= 0 (0 = never recycle), got "
+                              f"{self.max_requests!r}")
+        if (not isinstance(self.max_memory_mb, (int, float)) or isinstance(self.max_memory_mb, bool)
+                or not math.isfinite(self.max_memory_mb) or self.max_memory_mb < 0):
+            raise ConfigError(f"{where}.max_memory_mb must be a number of MiB >= 0 (0 = never recycle), got "
+                              f"{self.max_memory_mb!r}")
         if not isinstance(self.pad_to_bucket, bool):
             raise ConfigError(f"{where}.pad_to_bucket must be true or false, got {self.pad_to_bucket!r}")
         if not isinstance(self.version, str) or not self.version:
@@ -87,7 +96,7 @@ class ListenConfig:
     @property
     def local(self) -> bool:
         """True when only this host can reach it (a loopback address)."""
-        return _is_local_host(self.host)
+        return is_local_host(self.host)
 
 
 @dataclass(frozen=True)
@@ -219,11 +228,12 @@ def _is_local(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
     if not endpoint.startswith("tcp://"):
         return True
-    return _is_local_host(endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
+    return is_local_host(endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
 
 
-def _is_local_host(host: str) -> bool:
-    """True for localhost, ::1 and 127.x.y.z."""
+def is_local_host(host: str) -> bool:
+    """True for localhost, ::1 and 127.x.y.z (an IPv4-mapped ::ffff:127.x.y.z too)."""
+    host = host.removeprefix("::ffff:")
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 

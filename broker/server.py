@@ -18,11 +18,19 @@ from typing import Callable
 
 import zmq
 
-from modelpool.broker.config import PoolConfig
+from modelpool.broker.config import PoolConfig, is_local_host
 from modelpool.broker.gateway import GatewaySupervisor
 from modelpool.broker.state import PoolState
 from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
-from modelpool.client.protocol import REQUEST_TENSORS, WORKER_CONTROL, encode_disconnect, quote
+from modelpool.client.errors import InvalidInput, ModelNotFound, Unavailable
+from modelpool.client.protocol import (
+    MMI_RELOAD,
+    REQUEST_TENSORS,
+    WORKER_CONTROL,
+    encode_disconnect,
+    quote,
+    wire_type,
+)
 from modelpool.client.transport import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ _REAP_POLL_MS = 5  # while a worker's process is exiting, look again this soon
 _TRIM_AFTER_MESSAGES = 20_000  # a burst this large since the last trim ...
 _TRIM_AFTER_BYTES = 64 * 1024 * 1024  # ... or this many payload bytes let go of, then give memory back
 _TRIM_INTERVAL = 1.0
+MAX_REPLICAS = 64  # mmi.scale's upper bound per model
 
 
 def socket_hwm(config: PoolConfig) -> int:
@@ -101,8 +110,11 @@ class Broker:
                                max_held_bytes=config.max_queued_bytes, mmi_detail=config.mmi_detail)
         for m in config.models:
             self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
-                                 version=m.version, max_queue_bytes=m.max_queue_bytes, max_delay_ms=m.max_delay_ms)
+                                 version=m.version, max_queue_bytes=m.max_queue_bytes, max_delay_ms=m.max_delay_ms,
+                                 max_requests=m.max_requests, max_memory_mb=m.max_memory_mb)
         self.supervisor = Supervisor(config, backend) if supervise else None
+        if self.supervisor is not None:
+            self.state.control = self._control
         self.on_ready = on_ready
         self.started = False  # every model had its replicas ready (or failed with exit_on_error off)
         self.announced = False
@@ -115,6 +127,10 @@ class Broker:
         self.frontend = self._router(config.frontend, config.max_message_bytes)
         self.backend = self._router(backend, config.max_message_bytes)
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        # A frontend reachable from other hosts: each client message is checked for where it came from
+        # (runtime control is taken from this host only).
+        self._check_peers = self.frontend_endpoint.startswith("tcp://") and not is_local_host(
+            self.frontend_endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
         # The KServe V2 doors, in a process of their own that is a client of the frontend.
         self.gateway = GatewaySupervisor(config, self.frontend_endpoint, version=_version()) if supervise else None
         self.on_gateway = on_gateway
@@ -206,6 +222,8 @@ class Broker:
                         return self._finish(forced=False)
                 state.tick()
                 self._handle_lost()
+                if sup is not None and (state.recycle or sup.to_retire):
+                    self._replace_and_retire()
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     state.heartbeat_all()
@@ -242,14 +260,18 @@ class Broker:
         return max(0, int((min(candidates) - now) * 1000) + 1)
 
     def _drain_frontend(self) -> int:
-        sock, handle = self.frontend, self.state.client_message
+        sock, state, handle = self.frontend, self.state, self.state.client_message
+        check_peers = self._check_peers
         received = 0
         for i in range(1, _DRAIN_BATCH + 1):
             try:
-                frames = recv_frames(sock, _CLIENT_CONTROL)
+                frames = recv_frames(sock, 0 if check_peers else _CLIENT_CONTROL)
             except zmq.Again:
                 break
             received = i
+            if check_peers:
+                state.peer_local = is_local_host(frames[0].get("Peer-Address") or "")
+                frames[:_CLIENT_CONTROL] = [f.bytes for f in frames[:_CLIENT_CONTROL]]
             handle(frames[0], frames[1:])
             if i % _COALESCE == 0:
                 self._flush()
@@ -297,11 +319,11 @@ class Broker:
         reason = self.supervisor.reap(slot)
         if reason is None:
             return False
-        if not self.supervisor.stopping:
+        if not self.supervisor.stopping and not slot.retiring:
             self.state.count_restart(slot.model.name)
         if identity in self.state.workers:
             self.state.worker_lost(identity, f"worker process {reason}")
-        elif never_ready and not self.supervisor.stopping and process.exitcode != EXIT_LOAD_FAILED:
+        elif never_ready and not self.supervisor.stopping and not slot.retiring and process.exitcode != EXIT_LOAD_FAILED:
             # Died while loading without saying why (a crash in native code, the OOM killer): a load
             # failure all the same. A worker that reports its loader's error overwrites this reason.
             entry = self.state.models.get(slot.model.name.encode())
@@ -342,6 +364,50 @@ class Broker:
         log.error("KServe V2 gateway failed to start: %s; stopping the pool", gateway.error)
         self.exit_code = EXIT_GATEWAY_FAILED
         return True
+
+    # --- runtime control: scale, reload, recycling -----------------------------------------
+
+    def _control(self, service: bytes, header: dict) -> dict:
+        """mmi.scale and mmi.reload (PoolState checked that the caller is on this host)."""
+        sup = self.supervisor
+        model = header.get("model")
+        if not isinstance(model, str):
+            raise InvalidInput(f"{service.decode()}: model must be a string naming a served model, got "
+                               f"{wire_type(model)}")
+        if model not in sup.replicas:
+            raise ModelNotFound(f"model {quote(model)} is not served here; models served: "
+                                f"{', '.join(sorted(sup.replicas))}")
+        if sup.stopping:
+            raise Unavailable("the pool is stopping")
+        if service == MMI_RELOAD:
+            replacing = sup.reload(model)
+            log.info("reload model=%s: starting %d fresh replicas; the old ones retire as each is ready",
+                     model, replacing)
+            return {"model": model, "replacing": replacing}
+        replicas = header.get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
+            raise InvalidInput(f"mmi.scale: replicas must be an integer from 0 to {MAX_REPLICAS}, got "
+                               f"{quote(str(replicas), 40)}")
+        before = len(sup.live(model))
+        for slot in sup.scale(model, replicas):
+            self._retire(slot)
+        self.state.set_expected(model, replicas)
+        self._sync_starting()
+        log.info("scale model=%s: %d -> %d replicas", model, before, replicas)
+        return {"model": model, "replicas": replicas}
+
+    def _retire(self, slot: Slot) -> None:
+        """Drain a leaving worker (registered) or stop it (still loading)."""
+        if not self.state.retire(slot.identity):
+            self.supervisor.terminate(slot)
+
+    def _replace_and_retire(self) -> None:
+        """Workers past their limits get successors; those whose successor is ready retire."""
+        sup, state = self.supervisor, self.state
+        while state.recycle:
+            sup.replace(state.recycle.pop())
+        while sup.to_retire:
+            self._retire(sup.to_retire.pop())
 
     def _sync_starting(self) -> None:
         for name, count in self.supervisor.starting_counts().items():

@@ -12,6 +12,7 @@ decided in one place.
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -34,6 +35,7 @@ from modelpool.broker.metrics import (
 )
 from modelpool.client import protocol
 from modelpool.client.errors import (
+    Forbidden,
     InvalidInput,
     ModelNotFound,
     NotSupported,
@@ -52,11 +54,13 @@ class WorkerState(enum.Enum):
     """Lifecycle of one registered worker."""
 
     READY = "ready"
+    DRAINING = "draining"  # retiring (scaled down, replaced): finishes what it holds, takes nothing new
     GONE = "gone"
 
 
 _MOVES = {
-    WorkerState.READY: {WorkerState.GONE},
+    WorkerState.READY: {WorkerState.DRAINING, WorkerState.GONE},
+    WorkerState.DRAINING: {WorkerState.GONE},
     WorkerState.GONE: set(),
 }
 
@@ -96,6 +100,8 @@ class Worker:
     rows_sent: int = 0
     load_seconds: float | None = None  # from READY: how long the model took to load and warm up
     rss_bytes: int | None = None  # resident memory, from READY and the stats of REPLIES and HEARTBEAT
+    answered: int = 0  # requests it answered
+    recycling: bool = False  # past max_requests or max_memory: asked to be replaced
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -130,12 +136,15 @@ class ModelEntry:
     metadata: dict | None = None
     version: str = ""
     wake_at: float | None = None  # a batch waits for more rows (max_delay) until then
+    max_requests: int = 0  # a worker that answered this many is replaced (0: never)
+    max_memory_bytes: int = 0  # a worker whose resident memory passes this is replaced (0: never)
     # Outcomes, request/queue/compute time and batch sizes (broker.metrics): what `served`, `errors`,
     # `client_errors`, `dispatched` and `queue_seconds` read.
     metrics: ModelMetrics = field(default_factory=ModelMetrics)
     retried: int = 0
     crashed: int = 0
     expired: int = 0  # answered 504 by the broker before they reached a worker
+    recycled: int = 0  # workers replaced for max_requests or max_memory_mb
     batches: int = 0  # BATCH messages sent, and their rows
     batch_rows: int = 0
     load_seconds: float | None = None  # the last READY's load time
@@ -207,6 +216,7 @@ class ModelEntry:
             "errors": self.errors,
             "client_errors": self.client_errors,
             "expired": self.expired,
+            "recycled": self.recycled,
             "retried": self.retried,
             "crashed_requests": self.crashed,
             "dispatched": self.dispatched,
@@ -292,6 +302,11 @@ class PoolState:
         self.outbox_clients: list[list] = []
         self.outbox_workers: list[list] = []
         self.lost_workers: list[tuple[bytes, str]] = []  # (identity, reason) for the supervisor
+        self.recycle: list[bytes] = []  # workers past their model's max_requests/max_memory, for the supervisor
+        # Runtime control (mmi.scale, mmi.reload): set by the launcher that owns the workers; called
+        # with (service, header), returns the answer's header or raises PoolError.
+        self.control: Callable[[bytes, dict], dict] | None = None
+        self.peer_local = True  # the client of the message being handled is on this host (control allowed)
         self._dirty: set[ModelEntry] = set()  # models whose queue or workers changed since dispatch()
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._seq = itertools.count()
@@ -303,12 +318,14 @@ class PoolState:
             protocol.MMI_MODELS: self._mmi_models,
             protocol.MMI_HEALTH: self._mmi_health,
             protocol.MMI_METRICS: self._mmi_metrics,
+            **{service: functools.partial(self._mmi_control, service=service) for service in protocol.MMI_CONTROL},
         }
 
     # --- configuration -------------------------------------------------------------------
 
     def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
-                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, max_delay_ms: float = 0.0) -> None:
+                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, max_delay_ms: float = 0.0, max_requests: int = 0,
+                  max_memory_mb: float = 0) -> None:
         """Declare a served model; workers may register only for declared models."""
         key = name.encode()
         entry = self.models.get(key)
@@ -317,6 +334,38 @@ class PoolState:
         entry.expected = expected
         entry.version = version
         entry.batcher.max_delay = max_delay_ms / 1000.0
+        entry.max_requests = max_requests
+        entry.max_memory_bytes = int(max_memory_mb * 1024 * 1024)
+
+    def set_expected(self, model: str, count: int) -> None:
+        """How many local replicas of the model the supervisor keeps (after a scale)."""
+        entry = self.models.get(model.encode())
+        if entry is not None:
+            entry.expected = count
+            self._dirty.add(entry)
+            if count == 0 and entry.ready == 0:
+                self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} was scaled to 0 replicas"))
+
+    def retire(self, identity: bytes) -> bool:
+        """A worker leaves for good: it finishes what it holds and takes nothing new, then is sent
+        DISCONNECT (and exits). False for a worker that is not registered."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return False
+        entry = self.models[worker.model]
+        if worker.state is WorkerState.READY:
+            worker.move(WorkerState.DRAINING)
+            if entry.reserved is worker:
+                entry.reserved = None
+            self._dirty.add(entry)
+        if not worker.inflight:
+            self._release(worker)
+        return True
+
+    def _release(self, worker: Worker) -> None:
+        """A drained worker is sent away."""
+        self.outbox_workers.append([worker.identity, *protocol.encode_disconnect()])
+        self._forget(worker)
 
     def set_starting(self, model: str, count: int) -> None:
         """How many local replicas of the model are starting (process up, not READY yet)."""
@@ -593,6 +642,20 @@ class PoolState:
             for e in self.models.values()]}
         self._reply(client, protocol.MMI_METRICS, rid, protocol.OK, body)
 
+    def _mmi_control(self, client: bytes, rid: bytes, header: dict, *, service: bytes) -> None:
+        try:
+            if self.control is None:
+                raise NotSupported(f"{service.decode()}: this broker starts no workers of its own (remote workers "
+                                   "only); scale and reload them where they run")
+            if not self.peer_local:
+                raise Forbidden(f"{service.decode()} is taken from clients on the pool's own host only (loopback or "
+                                "ipc://); run it there")
+            body = self.control(service, header)
+        except PoolError as exc:
+            self._reply_error(client, service, rid, exc)
+            return
+        self._reply(client, service, rid, protocol.OK, body)
+
     def metrics_snapshot(self) -> list[ModelSnapshot]:
         """Every model's metrics, copied (the Prometheus collector calls this from its own thread)."""
         return [entry.snapshot() for entry in list(self.models.values())]
@@ -647,6 +710,12 @@ class PoolState:
             grouped: dict[bytes, list] = {}
             for item in fields:
                 self._worker_reply(worker, item, grouped)
+            worker.answered += len(fields)
+            if worker.state is WorkerState.DRAINING:
+                if not worker.inflight:
+                    self._release(worker)
+            elif not worker.recycling:
+                self._check_recycling(worker)
             for client, replies in grouped.items():
                 if len(replies) == 1:
                     self._reply(client, worker.model, *replies[0][:2], replies[0][2][0], replies[0][2][1:])
@@ -715,6 +784,23 @@ class PoolState:
         self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s max_batch_size=%d prefetch=%d",
                           quote(model), quote(identity), worker.pid, worker.max_rows, worker.slots - 1, burst=50)
         self._dirty.add(entry)
+
+    def _check_recycling(self, worker: Worker) -> None:
+        """A worker past its model's max_requests or max_memory_mb is put on ``recycle``: the
+        launcher starts its successor, and it retires once that one is ready."""
+        entry = self.models[worker.model]
+        why = None
+        if entry.max_requests and worker.answered >= entry.max_requests:
+            why = f"answered {worker.answered} requests (max_requests {entry.max_requests})"
+        elif entry.max_memory_bytes and worker.rss_bytes and worker.rss_bytes > entry.max_memory_bytes:
+            why = (f"resident memory {worker.rss_bytes / 2**20:.0f} MiB (max_memory_mb "
+                   f"{entry.max_memory_bytes / 2**20:.0f})")
+        if why is not None:
+            worker.recycling = True
+            entry.recycled += 1
+            self.recycle.append(worker.identity)
+            self.limited.info("workers recycled", "recycling worker model=%s worker=%s pid=%s: %s", quote(entry.name),
+                              quote(worker.identity), worker.pid, why)
 
     def _worker_reply(self, worker: Worker, item: ReplyItem, grouped: dict[bytes, list]) -> None:
         """Settle one answered request; its reply is queued, or kept in ``grouped`` (by client) when

@@ -32,6 +32,9 @@ class Slot:
     restart_at: float | None = 0.0
     ready_since: float | None = None
     started_at: float = 0.0
+    retiring: bool = False  # leaves for good (scaled down, replaced): its exit is not restarted
+    successor_of: Slot | None = None  # started to replace that slot, which retires once this one is ready
+    replaced_by: Slot | None = None  # its successor, while that one warms up
 
 
 class Supervisor:
@@ -43,7 +46,10 @@ class Supervisor:
         self.now = now
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [Slot(m, i) for m in config.models for i in range(m.replicas)]
+        self.replicas = {m.name: m.replicas for m in config.models}  # what `scale` asked for last
+        self._next_index = {m.name: m.replicas for m in config.models}
         self.by_identity: dict[bytes, Slot] = {}
+        self.to_retire: list[Slot] = []  # ready slots whose successor is ready: the broker drains them
         self.stopping = False
         total = sum(m.replicas for m in config.models)
         self._auto_threads = default_threads(total)
@@ -101,14 +107,78 @@ class Supervisor:
         return {s.process.sentinel: s for s in self.slots if s.process is not None}
 
     def mark_ready(self, identity: bytes) -> bool:
-        """A local worker is registered with the broker; True the first time."""
+        """A local worker is registered with the broker; True the first time. A successor being ready
+        puts the slot it replaces on ``to_retire``."""
         slot = self.by_identity.get(identity)
         if slot is None or slot.ready_since is not None:
             return False
         slot.ready_since = self.now()
         log.info("worker ready model=%s replica=%d pid=%s after %.1fs", slot.model.name, slot.index,
                  slot.process.pid if slot.process else None, slot.ready_since - slot.started_at)
+        old = slot.successor_of
+        if old is not None:
+            slot.successor_of = old.replaced_by = None
+            old.retiring = True
+            self.to_retire.append(old)
         return True
+
+    # --- runtime changes: scale, replace (reload, recycling), retire ---------------------------
+
+    def live(self, model: str) -> list[Slot]:
+        """The model's replicas that stay: neither retiring nor about to be replaced."""
+        return [s for s in self.slots if s.model.name == model and not s.retiring and s.replaced_by is None]
+
+    def scale(self, model: str, replicas: int) -> list[Slot]:
+        """Keep ``replicas`` local replicas of ``model``: new slots start on the next ``start_due``; the
+        slots past the count retire (those not ready first, then the newest). Returns the retired
+        slots whose process is registered or starting: the caller drains or stops them."""
+        self.replicas[model] = replicas
+        live = self.live(model)
+        config = next(m for m in self.config.models if m.name == model)
+        for _ in range(replicas - len(live)):
+            self.slots.append(Slot(config, self._new_index(model)))
+        victims = sorted(live, key=lambda s: (s.ready_since is None, s.index), reverse=True)
+        return [slot for slot in victims[:max(0, len(live) - replicas)] if self._retire(slot)]
+
+    def replace(self, identity: bytes) -> bool:
+        """Start a successor for a ready local worker; once it is ready, the old one retires.
+        False for a worker that is not ours, not ready, retiring or already being replaced."""
+        slot = self.by_identity.get(identity)
+        if slot is None or slot.retiring or slot.replaced_by is not None or slot.ready_since is None or self.stopping:
+            return False
+        successor = Slot(slot.model, self._new_index(slot.model.name), successor_of=slot)
+        slot.replaced_by = successor
+        self.slots.append(successor)
+        return True
+
+    def reload(self, model: str) -> int:
+        """Replace every ready replica of ``model`` by a fresh process; how many are being replaced."""
+        return sum(self.replace(s.identity) for s in self.live(model) if s.process is not None)
+
+    def _new_index(self, model: str) -> int:
+        index = self._next_index[model]
+        self._next_index[model] = index + 1
+        return index
+
+    def _retire(self, slot: Slot) -> bool:
+        """Mark a slot as leaving; True when its process runs (the caller drains or stops it), False
+        when it had none and is gone already."""
+        slot.retiring = True
+        if slot.successor_of is not None:  # a successor scaled away: the old one stays
+            slot.successor_of.replaced_by = None
+            slot.successor_of = None
+        if slot.process is None:
+            self.slots.remove(slot)
+            return False
+        return True
+
+    def terminate(self, slot: Slot) -> None:
+        """SIGTERM a retiring worker that is not registered (still loading); its exit is reaped as usual."""
+        if slot.process is not None and slot.process.pid:
+            try:
+                os.kill(slot.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def reap(self, slot: Slot) -> str | None:
         """Collect an exited worker and schedule its restart; returns why it exited, or None if the
@@ -126,8 +196,21 @@ class Supervisor:
         reason = _describe_exit(code)
         slot.process = None
         self.by_identity.pop(slot.identity, None)
-        if self.stopping:
+        if self.stopping or slot.retiring:
             slot.restart_at = None
+            if slot.retiring:
+                self.slots.remove(slot)
+                log.info("worker retired model=%s replica=%d pid=%d %s", slot.model.name, slot.index, process.pid,
+                         reason)
+            return reason
+        if slot.successor_of is not None and code == EXIT_LOAD_FAILED:
+            # The replacement cannot load: the old process keeps serving, and the error is reported.
+            old, slot.successor_of = slot.successor_of, None
+            old.replaced_by = None
+            slot.retiring = True
+            self.slots.remove(slot)
+            log.warning("replacement worker model=%s replica=%d failed to load; replica %d keeps serving",
+                        slot.model.name, slot.index, old.index)
             return reason
         delay = self._backoff(slot, code)
         slot.failures += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from modelpool.client.errors import (
+    Forbidden,
     InvalidInput,
     ModelError,
     ModelNotFound,
@@ -19,6 +20,7 @@ from modelpool.client.sync import Client
 __all__ = [
     "AsyncClient",
     "Client",
+    "Forbidden",
     "InvalidInput",
     "ModelError",
     "ModelNotFound",

@@ -379,8 +379,19 @@ class AsyncClient:
 
     async def health(self, *, timeout: float | None = None) -> dict:
         """Liveness and readiness of the pool."""
+        return await self._manage(protocol.MMI_HEALTH, {}, timeout)
+
+    async def scale(self, model: str, replicas: int, *, timeout: float | None = None) -> dict:
+        """As ``Client.scale``."""
+        return await self._manage(protocol.MMI_SCALE, {"model": model, "replicas": replicas}, timeout)
+
+    async def reload(self, model: str, *, timeout: float | None = None) -> dict:
+        """As ``Client.reload``."""
+        return await self._manage(protocol.MMI_RELOAD, {"model": model}, timeout)
+
+    async def _manage(self, service: bytes, header: dict, timeout: float | None) -> dict:
         wait = self._wait(timeout)
-        rid, frames = self._builder.request(protocol.MMI_HEALTH.decode(), {}, timeout=wait)
+        rid, frames = self._builder.request(service.decode(), header, timeout=wait)
         return header_or_raise(await self._roundtrip(rid, frames, wait))
 
     async def has_model(self, model: str, *, timeout: float | None = None) -> bool:

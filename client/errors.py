@@ -41,6 +41,12 @@ class Overloaded(PoolError):
     status = b"429"
 
 
+class Forbidden(PoolError):
+    """The caller may not do this from where it is (runtime control from another host)."""
+
+    status = b"403"
+
+
 class ModelError(PoolError):
     """The model raised while computing the request."""
 
@@ -79,6 +85,7 @@ ERROR_TYPES: dict[str, type[PoolError]] = {
         InvalidInput,
         ModelNotFound,
         Overloaded,
+        Forbidden,
         ModelError,
         WorkerCrashed,
         NotSupported,
@@ -89,6 +96,7 @@ ERROR_TYPES: dict[str, type[PoolError]] = {
 
 STATUS_TYPES: dict[bytes, type[PoolError]] = {
     b"400": InvalidInput,
+    b"403": Forbidden,
     b"404": ModelNotFound,
     b"429": Overloaded,
     b"500": ModelError,

@@ -86,6 +86,9 @@ MMI_HEALTH = b"mmi.health"
 EXTENSIONS = ("group",)  # what a broker of this version lists in mmi.health's "extensions"
 MAX_GROUP = 1024  # requests in one group message
 MMI_METRICS = b"mmi.metrics"
+MMI_SCALE = b"mmi.scale"  # runtime control, from the pool's own host: {"model", "replicas"}
+MMI_RELOAD = b"mmi.reload"  # {"model"}: every replica replaced by a fresh process, warmed first
+MMI_CONTROL = (MMI_SCALE, MMI_RELOAD)
 
 OK = b"200"
 

@@ -525,8 +525,21 @@ class Client:
 
     def health(self, *, timeout: float | None = None) -> dict:
         """Liveness and readiness of the pool."""
+        return self._manage(protocol.MMI_HEALTH, {}, timeout)
+
+    def scale(self, model: str, replicas: int, *, timeout: float | None = None) -> dict:
+        """Run ``replicas`` local replicas of ``model`` (mmi.scale; from the pool's host only). Answers
+        at once; new replicas take requests once warmed up, removed ones finish what they hold."""
+        return self._manage(protocol.MMI_SCALE, {"model": model, "replicas": replicas}, timeout)
+
+    def reload(self, model: str, *, timeout: float | None = None) -> dict:
+        """Replace every replica of ``model`` by a fresh process that reads the model file again, each
+        warmed up before the old one retires (mmi.reload; from the pool's host only)."""
+        return self._manage(protocol.MMI_RELOAD, {"model": model}, timeout)
+
+    def _manage(self, service: bytes, header: dict, timeout: float | None) -> dict:
         wait = self._wait(timeout)
-        rid, frames = self._builder.request(protocol.MMI_HEALTH.decode(), {}, timeout=wait)
+        rid, frames = self._builder.request(service.decode(), header, timeout=wait)
         return header_or_raise(self._roundtrip(rid, frames, wait))
 
     def has_model(self, model: str, *, timeout: float | None = None) -> bool:

@@ -444,6 +444,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_talks_to_pool
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Set a model's local replica count (mmi.scale)."""
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        answer = client.scale(args.model, args.replicas)
+        print(f"model {answer['model']}: scaling to {answer['replicas']} replicas")
+        return _wait_settled(client, args.model, args.wait)
+
+
+@_talks_to_pool
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Replace a model's replicas by fresh processes, each warmed before the old one leaves (mmi.reload)."""
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        answer = client.reload(args.model)
+        print(f"model {answer['model']}: replacing {answer['replacing']} replicas")
+        return _wait_settled(client, args.model, args.wait)
+
+
+def _wait_settled(client: Client, model: str, wait: float) -> int:
+    """With --wait: until the model has its replicas ready and none starting or draining."""
+    if not wait:
+        return EXIT_OK
+    deadline = time.monotonic() + wait
+    while True:
+        entry = next((m for m in client.models() if m.get("name") == model), {})
+        draining = sum(1 for w in entry.get("workers") or [] if w.get("state") == "draining")
+        settled = (entry.get("replicas_ready") == entry.get("replicas_expected")
+                   and not entry.get("replicas_starting") and not draining)
+        if settled or time.monotonic() >= deadline:
+            print(f"model {model}: {entry.get('replicas_ready')} ready, {entry.get('replicas_starting')} starting, "
+                  f"{draining} draining" + (f"; last load error: {entry['load_error']}" if entry.get("load_error")
+                                            else ""))
+            return EXIT_OK if settled else EXIT_POOL_ERROR
+        time.sleep(0.2)
+
+
 def _add_client_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
                         help=f"the pool's client endpoint (default: {DEFAULT_ENDPOINT})")
@@ -521,6 +557,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--values", action="store_true", help="print the values even for class probabilities")
     _add_client_options(predict, timeout=30.0)
     predict.set_defaults(func=cmd_predict)
+
+    scale = sub.add_parser("scale", help="set how many replicas of a model run", formatter_class=fmt,
+                           description="Set how many local replicas of MODEL the pool runs (from the pool's host).\n"
+                           "New replicas take requests once loaded and warmed up; removed ones finish what\n"
+                           "they hold first. 0 stops the model (its queued requests get 503).",
+                           epilog="example:\n  modelpool scale digits 4 --wait 120\n\n" + EXIT_CODES)
+    scale.add_argument("model", help="name of the model")
+    scale.add_argument("replicas", type=int, help="replicas to run, 0 to 64")
+    scale.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait until the replicas are ready and the removed ones gone (exit 1 if not in time)")
+    _add_client_options(scale, timeout=10.0)
+    scale.set_defaults(func=cmd_scale)
+
+    reload = sub.add_parser("reload", help="replace a model's replicas with fresh processes, no downtime",
+                            formatter_class=fmt,
+                            description="Start a fresh process for every replica of MODEL (it reads the model file\n"
+                            "again); each old replica finishes what it holds and leaves once its successor is\n"
+                            "ready. A successor that fails to load leaves the old one serving (see status).",
+                            epilog="example:\n  modelpool reload digits --wait 120\n\n" + EXIT_CODES)
+    reload.add_argument("model", help="name of the model")
+    reload.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait until the new replicas serve and the old ones are gone (exit 1 if not in time)")
+    _add_client_options(reload, timeout=10.0)
+    reload.set_defaults(func=cmd_reload)
 
     worker = sub.add_parser("worker", help="serve one model replica for a broker on another host",
                             formatter_class=fmt,

@@ -124,3 +124,28 @@ class TinySubclassed(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+_LEAKED: list = []  # what Leak keeps: it is never freed while the process lives
+
+
+@keras.saving.register_keras_serializable(package="modelpool_tests")
+class Leak(keras.layers.Layer):
+    """Identity that keeps ``mb`` MiB more resident memory after every call (a slow leak, on demand)."""
+
+    def __init__(self, mb: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.mb = mb
+
+    def _leak(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] and np.any(x != 0):  # warm-up calls run on zeros
+            _LEAKED.append(np.ones(self.mb * 2**18, np.float32))  # written: resident, not just reserved
+        return x
+
+    def call(self, x):
+        y = tf.numpy_function(self._leak, [x], x.dtype, stateful=True)
+        y.set_shape(x.shape)
+        return y
+
+    def get_config(self):
+        return {**super().get_config(), "mb": self.mb}

@@ -46,6 +46,7 @@ def test_status_table_agrees_with_class_status(status, cls):
 def test_documented_statuses():
     assert {s: c.__name__ for s, c in STATUS_TYPES.items()} == {
         b"400": "InvalidInput",
+        b"403": "Forbidden",
         b"404": "ModelNotFound",
         b"429": "Overloaded",
         b"500": "ModelError",
