@@ -223,7 +223,10 @@ CLIENT_SECTION_START = "<!-- client_bench: begin -->"
 CLIENT_SECTION_END = "<!-- client_bench: end -->"
 CLIENTS_SECTION_START = "<!-- bench_clients: begin -->"
 CLIENTS_SECTION_END = "<!-- bench_clients: end -->"
-KEPT_SECTIONS = ((CLIENT_SECTION_START, CLIENT_SECTION_END), (CLIENTS_SECTION_START, CLIENTS_SECTION_END))
+# Sections written by hand from scripts/bench_gateway.py and scripts/bench_reload.py runs.
+HAND_SECTIONS = tuple((f"<!-- {name}: begin -->", f"<!-- {name}: end -->") for name in ("bench_gateway", "bench_reload"))
+KEPT_SECTIONS = ((CLIENT_SECTION_START, CLIENT_SECTION_END), (CLIENTS_SECTION_START, CLIENTS_SECTION_END),
+                 *HAND_SECTIONS)
 
 
 def section_of(text: str, start_marker: str = CLIENT_SECTION_START, end_marker: str = CLIENT_SECTION_END) -> str:
