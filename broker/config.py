@@ -178,7 +178,7 @@ class PoolConfig:
                 raise ConfigError(f"pool.{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("frontend", "backend"):
             value = getattr(self, key)
-            if value and not self.insecure_network and not _is_local(value):
+            if value and not self.insecure_network and not is_local_endpoint(value):
                 raise ConfigError(
                     f"pool.{key} {value!r} is not a loopback address: modelpool has no CurveZMQ encryption yet, "
                     "so bind to 127.0.0.1, [::1] or ipc://, or set pool.insecure_network = true on a trusted network")
@@ -224,7 +224,7 @@ class PoolConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _is_local(endpoint: str) -> bool:
+def is_local_endpoint(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
     if not endpoint.startswith("tcp://"):
         return True

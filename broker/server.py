@@ -18,7 +18,7 @@ from typing import Callable
 
 import zmq
 
-from modelpool.broker.config import PoolConfig, is_local_host
+from modelpool.broker.config import PoolConfig, is_local_endpoint, is_local_host
 from modelpool.broker.gateway import GatewaySupervisor
 from modelpool.broker.state import PoolState
 from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
@@ -129,8 +129,7 @@ class Broker:
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         # A frontend reachable from other hosts: each client message is checked for where it came from
         # (runtime control is taken from this host only).
-        self._check_peers = self.frontend_endpoint.startswith("tcp://") and not is_local_host(
-            self.frontend_endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
+        self._check_peers = not is_local_endpoint(self.frontend_endpoint)
         # The KServe V2 doors, in a process of their own that is a client of the frontend.
         self.gateway = GatewaySupervisor(config, self.frontend_endpoint, version=_version()) if supervise else None
         self.on_gateway = on_gateway

@@ -69,6 +69,13 @@ def _health(ok: bool) -> Response:
     return Response(status_code=200 if ok else 400)
 
 
+async def _probe(probe: Callable[[], Awaitable[bool]]) -> Response:
+    try:
+        return _health(await probe())
+    except PoolError as exc:
+        raise Unavailable(f"the broker does not answer: {exc}") from None
+
+
 class HttpDoor:
     """Route handlers over one Backend; ``app`` is the Starlette application."""
 
@@ -113,17 +120,11 @@ class HttpDoor:
 
     @_answers_errors
     async def live(self, request: Request) -> Response:
-        try:
-            return _health(await self.backend.live())
-        except PoolError as exc:
-            raise Unavailable(f"the broker does not answer: {exc}") from None
+        return await _probe(self.backend.live)
 
     @_answers_errors
     async def ready(self, request: Request) -> Response:
-        try:
-            return _health(await self.backend.ready())
-        except PoolError as exc:
-            raise Unavailable(f"the broker does not answer: {exc}") from None
+        return await _probe(self.backend.ready)
 
     @_answers_errors
     async def model_ready(self, request: Request) -> Response:
