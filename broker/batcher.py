@@ -25,7 +25,7 @@ class Pending:
     """One client request held by the broker, from admission until it is answered."""
 
     __slots__ = ("client", "rid", "model", "body", "deadline", "size", "rows", "key", "arrived", "admitted", "seq",
-                 "crashes", "where", "batch", "grouped")
+                 "crashes", "where", "batch", "grouped", "owner")
 
     def __init__(self, client: bytes, rid: bytes, model: bytes, body: list, *, deadline: float | None = None,
                  size: int = 0, rows: int = 1, key: Hashable = (), arrived: float = 0.0, seq: int = 0,
@@ -45,6 +45,7 @@ class Pending:
         self.where = QUEUED
         self.batch: Batch | None = None
         self.grouped = grouped  # came in a group: its client takes grouped replies
+        self.owner: Any = None  # the model version whose queue holds it (broker.state.ModelEntry)
 
 
 class Batch:

@@ -18,13 +18,20 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the problem."""
 
 
+def check_name(name: Any, where: str) -> None:
+    """ConfigError unless ``name`` can name a model (clients send it; directories of a repository)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name.startswith("mmi."):
+        raise ConfigError(f"{where}: model name {name!r}: use letters, digits, '_', '-', '.' (not 'mmi.*'), "
+                          "up to 128")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One served model and how its replicas run."""
 
     name: str
     path: str
-    replicas: int = 1
+    replicas: int = 1  # 0: none started here (remote workers serve it, or `modelpool scale` later)
     version: str = "1"
     max_batch_size: int = 32
     max_delay_ms: float = 0.0  # the broker waits up to this long for a fuller batch for an idle worker
@@ -40,9 +47,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         where = f"models[{self.name!r}]"
-        if not isinstance(self.name, str) or not _NAME.match(self.name) or self.name.startswith("mmi."):
-            raise ConfigError(f"models.name {self.name!r}: use letters, digits, '_', '-', '.' (not 'mmi.*'), up to 128")
-        _positive_int(self.replicas, f"{where}.replicas")
+        check_name(self.name, "models.name")
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 0:
+            raise ConfigError(f"{where}.replicas must be an integer >= 0 (0: remote workers only), got "
+                              f"{self.replicas!r}")
         _positive_int(self.max_batch_size, f"{where}.max_batch_size")
         _positive_int(self.max_queue, f"{where}.max_queue")
         if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or not 0 <= self.prefetch <= 8:
@@ -137,6 +145,34 @@ class GrpcConfig(DoorConfig):
 
 
 _DOORS = {"metrics": MetricsConfig, "http": HttpConfig, "grpc": GrpcConfig}  # TOML table -> its config
+CONTROL_MODES = ("none", "poll", "explicit")  # Triton's --model-control-mode
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """A model repository (``[repository]``, ``--model-repository``): models as directories of versions."""
+
+    path: str = ""  # "" = none: only the [[models]] tables
+    control_mode: str = "none"  # none: load all at start; poll: follow the directory; explicit: load on request
+    poll_seconds: float = 5.0  # how often "poll" looks at the directory
+    load: tuple[str, ...] = ()  # "explicit": models loaded at start ("*": all of them)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str):
+            raise ConfigError(f"[repository].path must be a directory path, got {self.path!r}")
+        if self.path and not Path(self.path).is_dir():
+            raise ConfigError(f"[repository].path: model repository {self.path!r} is not a directory")
+        if self.control_mode not in CONTROL_MODES:
+            raise ConfigError(f"[repository].control_mode must be one of {', '.join(CONTROL_MODES)}, got "
+                              f"{self.control_mode!r}")
+        value = self.poll_seconds
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0.1:
+            raise ConfigError(f"[repository].poll_seconds must be a number of seconds >= 0.1, got {value!r}")
+        if not isinstance(self.load, tuple) or not all(isinstance(n, str) and n for n in self.load):
+            raise ConfigError(f"[repository].load must be a list of model names (or [\"*\"]), got {self.load!r}")
+        if self.load and self.control_mode != "explicit":
+            raise ConfigError("[repository].load names the models loaded at start in control_mode \"explicit\"; "
+                              f"in {self.control_mode!r} mode every model of the repository is loaded")
 
 
 @dataclass(frozen=True)
@@ -161,10 +197,12 @@ class PoolConfig:
     metrics: MetricsConfig = MetricsConfig()
     http: HttpConfig = HttpConfig()
     grpc: GrpcConfig = GrpcConfig()
+    repository: RepositoryConfig = RepositoryConfig()
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ConfigError("models: at least one [[models]] table is needed")
+        if not self.models and not self.repository.path:
+            raise ConfigError("models: at least one [[models]] table, or a model repository ([repository] path, "
+                              "--model-repository), is needed")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -248,7 +286,7 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", *_DOORS}
+_POOL_KEYS = {f.name for f in fields(PoolConfig)} - {"models", "repository", *_DOORS}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
 
@@ -260,9 +298,23 @@ def _door(data: dict, kind: type[ListenConfig]) -> ListenConfig:
     return kind(**table)
 
 
+def _repository(data: dict, base_dir: Path | None) -> RepositoryConfig:
+    table = data.get("repository", {})
+    if not isinstance(table, dict):
+        raise ConfigError("repository must be a table: [repository]")
+    _check_keys(table, {f.name for f in fields(RepositoryConfig)}, "[repository]")
+    table = dict(table)
+    if isinstance(table.get("path"), str) and table["path"]:
+        path = Path(os.path.expanduser(table["path"]))
+        table["path"] = str(base_dir / path if base_dir is not None and not path.is_absolute() else path)
+    if isinstance(table.get("load"), list):
+        table["load"] = tuple(table["load"])
+    return RepositoryConfig(**table)
+
+
 def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
     """Build a PoolConfig from parsed TOML; model paths are relative to ``base_dir``."""
-    _check_keys(data, {"pool", "models", *_DOORS}, "top level")
+    _check_keys(data, {"pool", "models", "repository", *_DOORS}, "top level")
     pool = data.get("pool", {})
     if not isinstance(pool, dict):
         raise ConfigError("pool must be a table: [pool]")
@@ -284,7 +336,7 @@ def from_dict(data: dict, base_dir: Path | None = None) -> PoolConfig:
         models.append(ModelConfig(**{**table, "path": str(path), "imports": imports}))
     try:
         return PoolConfig(models=tuple(models), **{table: _door(data, kind) for table, kind in _DOORS.items()},
-                          **pool)
+                          repository=_repository(data, base_dir), **pool)
     except TypeError as exc:  # wrong value types reaching dataclass defaults
         raise ConfigError(str(exc)) from None
 

@@ -14,17 +14,22 @@ import shutil
 import signal
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import zmq
 
-from modelpool.broker.config import PoolConfig, is_local_endpoint, is_local_host
+from modelpool.broker import repository
+from modelpool.broker.config import ConfigError, ModelConfig, PoolConfig, is_local_endpoint, is_local_host
 from modelpool.broker.gateway import GatewaySupervisor
 from modelpool.broker.state import PoolState
 from modelpool.broker.supervisor import EXIT_LOAD_FAILED, Slot, Supervisor
 from modelpool.client.errors import InvalidInput, ModelNotFound, Unavailable
 from modelpool.client.protocol import (
+    MMI_LOAD,
     MMI_RELOAD,
+    MMI_REPOSITORY,
+    MMI_UNLOAD,
     REQUEST_TENSORS,
     WORKER_CONTROL,
     encode_disconnect,
@@ -108,11 +113,19 @@ class Broker:
         self.state = PoolState(heartbeat_interval=config.heartbeat_interval,
                                heartbeat_liveness=config.heartbeat_liveness, hang_timeout=config.hang_timeout,
                                max_held_bytes=config.max_queued_bytes, mmi_detail=config.mmi_detail)
-        for m in config.models:
-            self.state.add_model(m.name, max_queue=m.max_queue, expected=m.replicas if supervise else 0,
-                                 version=m.version, max_queue_bytes=m.max_queue_bytes, max_delay_ms=m.max_delay_ms,
-                                 max_requests=m.max_requests, max_memory_mb=m.max_memory_mb)
-        self.supervisor = Supervisor(config, backend) if supervise else None
+        self.repo = config.repository.path
+        self.static = {m.name: m for m in config.models}  # [[models]] tables: served, and loadable by name
+        self.applied: dict[str, tuple] = {}  # repository models served: the signature they were read with
+        self._seen: dict[str, tuple] = {}  # the poller's last look at each repository model
+        self.repo_errors: dict[str, str] = {}  # repository models that cannot be read, and why
+        self.unloaded: set[str] = set()  # unloaded by an operator: the poller leaves them alone
+        # Versions that leave once every version that replaces them is ready: model -> (leaving, wanted)
+        self.unload_after: dict[str, tuple[set[str], set[str]]] = {}
+        models = self._initial_models()
+        for m in models:
+            self._declare(m, expected=m.replicas if supervise else 0)
+        self.supervisor = Supervisor(config, backend, models=models) if supervise else None
+        self.next_poll = time.monotonic() + config.repository.poll_seconds
         if self.supervisor is not None:
             self.state.control = self._control
         self.on_ready = on_ready
@@ -133,6 +146,37 @@ class Broker:
         # The KServe V2 doors, in a process of their own that is a client of the frontend.
         self.gateway = GatewaySupervisor(config, self.frontend_endpoint, version=_version()) if supervise else None
         self.on_gateway = on_gateway
+
+    def _initial_models(self) -> tuple[ModelConfig, ...]:
+        """The [[models]] tables, and what the model repository's control mode loads at start."""
+        repo = self.config.repository
+        models = list(self.config.models)
+        if not self.repo:
+            return tuple(models)
+        names = repository.model_names(self.repo)
+        for name in names:
+            if name in self.static:
+                log.warning("model repository: model %r is also a [[models]] table; the table wins", name)
+        wanted = [n for n in names if n not in self.static]
+        if repo.control_mode == "explicit":
+            wanted = wanted if "*" in repo.load else [n for n in repo.load if n not in self.static]
+        for name in wanted:
+            model = repository.read_model(self.repo, name)
+            if model.error is not None:
+                if self.config.exit_on_error:
+                    raise ConfigError(f"{model.error} (set exit_on_error = false in [pool] to serve the other "
+                                      "models anyway)")
+                log.error("model repository: %s", model.error)
+                self.repo_errors[name] = model.error
+                continue
+            models += model.configs
+            self.applied[name] = self._seen[name] = model.signature
+        return tuple(models)
+
+    def _declare(self, m: ModelConfig, expected: int) -> None:
+        self.state.add_model(m.name, max_queue=m.max_queue, expected=expected, version=m.version,
+                             max_queue_bytes=m.max_queue_bytes, max_delay_ms=m.max_delay_ms,
+                             max_requests=m.max_requests, max_memory_mb=m.max_memory_mb)
 
     def _router(self, endpoint: str, max_bytes: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -223,6 +267,10 @@ class Broker:
                 self._handle_lost()
                 if sup is not None and (state.recycle or sup.to_retire):
                     self._replace_and_retire()
+                if sup is not None and self.unload_after:
+                    self._settle_versions()
+                if sup is not None and self.config.repository.control_mode == "poll" and self.repo:
+                    self._maybe_poll()
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     state.heartbeat_all()
@@ -318,16 +366,17 @@ class Broker:
         reason = self.supervisor.reap(slot)
         if reason is None:
             return False
+        name, version = slot.model.name, slot.model.version
         if not self.supervisor.stopping and not slot.retiring:
-            self.state.count_restart(slot.model.name)
+            self.state.count_restart(name, version)
         if identity in self.state.workers:
             self.state.worker_lost(identity, f"worker process {reason}")
         elif never_ready and not self.supervisor.stopping and not slot.retiring and process.exitcode != EXIT_LOAD_FAILED:
             # Died while loading without saying why (a crash in native code, the OOM killer): a load
             # failure all the same. A worker that reports its loader's error overwrites this reason.
-            entry = self.state.models.get(slot.model.name.encode())
+            entry = self.state.versions.get(name.encode(), {}).get(version)
             if entry is not None and entry.load_error is None:
-                self.state.load_failed(slot.model.name, f"worker process {reason} before it was ready")
+                self.state.load_failed(name, f"worker process {reason} before it was ready", version)
         self._sync_starting()
         return True
 
@@ -367,17 +416,23 @@ class Broker:
     # --- runtime control: scale, reload, recycling -----------------------------------------
 
     def _control(self, service: bytes, header: dict) -> dict:
-        """mmi.scale and mmi.reload (PoolState checked that the caller is on this host)."""
+        """mmi.scale, reload, load, unload (PoolState checked that the caller may) and mmi.repository."""
         sup = self.supervisor
+        if service == MMI_REPOSITORY:
+            return {"models": self.repository_index()}
         model = header.get("model")
         if not isinstance(model, str):
             raise InvalidInput(f"{service.decode()}: model must be a string naming a served model, got "
                                f"{wire_type(model)}")
+        if sup.stopping:
+            raise Unavailable("the pool is stopping")
+        if service == MMI_LOAD:
+            return self.load(model)
         if model not in sup.replicas:
             raise ModelNotFound(f"model {quote(model)} is not served here; models served: "
                                 f"{', '.join(sorted(sup.replicas))}")
-        if sup.stopping:
-            raise Unavailable("the pool is stopping")
+        if service == MMI_UNLOAD:
+            return self.unload(model)
         if service == MMI_RELOAD:
             replacing = sup.reload(model)
             log.info("reload model=%s: starting %d fresh replicas; the old ones retire as each is ready",
@@ -395,6 +450,147 @@ class Broker:
         log.info("scale model=%s: %d -> %d replicas", model, before, replicas)
         return {"model": model, "replicas": replicas}
 
+    # --- models and versions: load, unload, the repository ------------------------------------
+
+    def load(self, name: str) -> dict:
+        """Serve ``name`` from its [[models]] table or the model repository; for a model served
+        already, read it again: new versions start, changed ones are replaced, dropped ones leave once
+        the versions that replace them are ready."""
+        if name in self.static:
+            configs: tuple[ModelConfig, ...] = (self.static[name],)
+        elif self.repo and (Path(self.repo) / name).is_dir():
+            model = repository.read_model(self.repo, name)
+            if model.error is not None:
+                self.repo_errors[name] = model.error
+                raise InvalidInput(f"cannot load model {quote(name)}: {model.error}")
+            self.repo_errors.pop(name, None)
+            configs = model.configs
+            self.applied[name] = self._seen[name] = model.signature
+        else:
+            where = f" nor in the model repository {self.repo!r}" if self.repo else " (no model repository)"
+            raise ModelNotFound(f"model {quote(name)} is neither a [[models]] table{where}")
+        self.unloaded.discard(name)
+        return self._apply(name, configs)
+
+    def _apply(self, name: str, configs: tuple[ModelConfig, ...]) -> dict:
+        sup = self.supervisor
+        running = sup.versions_of(name)
+        started, reloaded = [], []
+        for config in configs:
+            old = running.get(config.version)
+            if old is None:
+                sup.add_version(config)
+                self._declare(config, expected=sup.replicas[name])
+                started.append(config.version)
+            elif old != config:  # config.toml changed: fresh processes with the new settings
+                self._declare(config, expected=sup.replicas[name])
+                sup.reload(name, config)
+                reloaded.append(config.version)
+        wanted = {c.version for c in configs}
+        leaving = set(running) - wanted
+        if leaving:
+            self.unload_after[name] = (leaving, wanted)
+        self._settle_versions()
+        self._sync_starting()
+        log.info("load model=%s versions=%s started=%s reloaded=%s leaving=%s", quote(name),
+                 ",".join(sorted(wanted)), ",".join(started) or "-", ",".join(reloaded) or "-",
+                 ",".join(sorted(leaving)) or "-")
+        return {"model": name, "versions": sorted(wanted), "started": started, "reloaded": reloaded,
+                "unloading": sorted(leaving)}
+
+    def _settle_versions(self) -> None:
+        """Versions replaced by newer ones leave once every version that replaces them is ready; a
+        replacement that fails to load leaves the old one serving."""
+        state = self.state
+        for name, (leaving, wanted) in list(self.unload_after.items()):
+            family = state.versions.get(name.encode(), {})
+            if all(v in family and family[v].has_ready() for v in wanted):
+                del self.unload_after[name]
+                for version in leaving:
+                    self._unload_version(name, version)
+
+    def unload(self, name: str) -> dict:
+        """Stop serving every version of ``name``: each serves what it has queued, then its replicas
+        drain and exit. The poller does not load it again until it is loaded by name."""
+        versions = sorted(self.supervisor.versions_of(name))
+        if not versions:
+            raise ModelNotFound(f"model {quote(name)} is not loaded; loaded: "
+                                f"{', '.join(sorted(self.supervisor.replicas)) or 'none'}")
+        self.unload_after.pop(name, None)
+        for version in versions:
+            self._unload_version(name, version)
+        self.unloaded.add(name)
+        self.applied.pop(name, None)
+        log.info("unload model=%s versions=%s", quote(name), ",".join(versions))
+        return {"model": name, "unloading": versions}
+
+    def _unload_version(self, name: str, version: str) -> None:
+        for slot in self.supervisor.remove_version(name, version):
+            if slot.identity not in self.state.workers:  # still loading: nothing to drain
+                self.supervisor.terminate(slot)
+        self.state.unload(name, version)
+        self._sync_starting()
+
+    def repository_index(self) -> list[dict]:
+        """Every model the pool can serve, in the V2 repository extension's form: one row per loaded
+        version (name, version, state, reason), one row without a version per model not loaded."""
+        rows = []
+        for entry in self.state.entries():
+            rows.append({"name": entry.name.decode(errors="replace"), "version": entry.version,
+                         "state": entry.status, "reason": entry.load_error or ""})
+        loaded = {row["name"] for row in rows}
+        names = set(self.static)
+        if self.repo:
+            try:
+                names.update(repository.model_names(self.repo))
+            except ConfigError as exc:
+                log.warning("model repository: %s", exc)
+        for name in sorted(names - loaded):
+            reason = self.repo_errors.get(name) or ("unloaded" if name in self.unloaded else "not loaded")
+            rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason})
+        return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+    def _maybe_poll(self) -> None:
+        now = time.monotonic()
+        if now < self.next_poll:
+            return
+        self.next_poll = now + self.config.repository.poll_seconds
+        try:
+            self.poll()
+        except Exception:  # a bug here must not stop the loop; the next poll tries again
+            log.exception("model repository poll failed")
+
+    def poll(self) -> None:
+        """One look at the repository ("poll" mode): a model or version that appeared or changed, and
+        has not changed since the last look, is loaded; a model whose directory is gone is unloaded."""
+        try:
+            names = repository.model_names(self.repo)
+        except ConfigError as exc:
+            self.state.limited.warning("repository unreadable", "model repository: %s", exc)
+            return
+        for name in names:
+            if name in self.static or name in self.unloaded:
+                continue
+            model = repository.read_model(self.repo, name)
+            if model.error is not None:
+                if self.repo_errors.get(name) != model.error:
+                    log.error("model repository: %s; what runs of it keeps running", model.error)
+                self.repo_errors[name] = model.error
+                self._seen.pop(name, None)
+                continue
+            self.repo_errors.pop(name, None)
+            if self._seen.get(name) != model.signature:  # new or still changing: look again next time
+                self._seen[name] = model.signature
+                continue
+            if self.applied.get(name) != model.signature:
+                self.applied[name] = model.signature
+                self._apply(name, model.configs)
+        for name in [n for n in self.applied if n not in names]:
+            log.info("model repository: directory of model=%s is gone; unloading it", quote(name))
+            self.unload(name)
+            self.unloaded.discard(name)  # it loads again if its directory comes back
+            self._seen.pop(name, None)
+
     def _retire(self, slot: Slot) -> None:
         """Drain a leaving worker (registered) or stop it (still loading)."""
         if not self.state.retire(slot.identity):
@@ -409,8 +605,8 @@ class Broker:
             self._retire(sup.to_retire.pop())
 
     def _sync_starting(self) -> None:
-        for name, count in self.supervisor.starting_counts().items():
-            self.state.set_starting(name, count)
+        for (name, version), count in self.supervisor.starting_counts().items():
+            self.state.set_starting(name, count, version)
 
     def _handle_lost(self) -> None:
         lost = self.state.lost_workers
@@ -424,7 +620,7 @@ class Broker:
 
     def _check_start(self) -> bool:
         """Until every model is up: True when a model failed to load and exit_on_error says stop."""
-        models = self.state.models.values()
+        models = self.state.entries()
         failed = [e for e in models if e.load_error and e.ready == 0]
         if failed and self.config.exit_on_error:
             now = time.monotonic()

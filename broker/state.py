@@ -76,6 +76,7 @@ MAX_PREFETCH = 8  # batches a worker may take ahead of the one it runs
 _HEADER_CACHE_SIZE = 1024  # distinct inference headers remembered (the cache starts over when full) ...
 _HEADER_CACHE_BYTES = 4096  # ... of at most this size each: a peer cannot make it hold much
 MAX_WORKERS_PER_MODEL = 256  # registrations past this are refused: peers cannot pile them up
+MAX_VERSIONS = 64  # versions of one model the broker tracks (remote workers can announce new ones)
 _METADATA = {"op": "metadata"}
 
 
@@ -102,6 +103,7 @@ class Worker:
     rss_bytes: int | None = None  # resident memory, from READY and the stats of REPLIES and HEARTBEAT
     answered: int = 0  # requests it answered
     recycling: bool = False  # past max_requests or max_memory: asked to be replaced
+    entry: Any = None  # the ModelEntry (model version) it serves
 
     def move(self, new: WorkerState) -> None:
         """Change state along a legal edge."""
@@ -116,7 +118,7 @@ class Worker:
 
 @dataclass(eq=False)
 class ModelEntry:
-    """Everything the broker knows about one served model."""
+    """Everything the broker knows about one served version of a model (most models have one)."""
 
     name: bytes
     max_queue: int
@@ -148,6 +150,7 @@ class ModelEntry:
     batches: int = 0  # BATCH messages sent, and their rows
     batch_rows: int = 0
     load_seconds: float | None = None  # the last READY's load time
+    unloading: bool = False  # takes no new requests; serves its queue, then its workers drain and leave
 
     @property
     def served(self) -> int:
@@ -197,11 +200,22 @@ class ModelEntry:
         sizes = [w.rss_bytes for w in list(self.workers.values()) if w.rss_bytes is not None]
         return sum(sizes) if sizes else None
 
-    def summary(self, detail: bool = False) -> dict:
-        """The model's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
+    @property
+    def status(self) -> str:
+        """READY, LOADING, UNLOADING or UNAVAILABLE (the V2 repository extension's states)."""
+        if self.unloading:
+            return "UNLOADING"
+        if self.has_ready():
+            return "READY"
+        return "LOADING" if (self.starting or self.expected) and not self.load_error else "UNAVAILABLE"
+
+    def summary(self, detail: bool = False, default: bool = True) -> dict:
+        """The version's mmi.models entry; ``detail`` adds worker ids and pids (operators only)."""
         return {
             "name": self.name.decode(errors="replace"),
             "version": self.version,
+            "default": default,
+            "state": self.status,
             "replicas_ready": self.ready,
             "replicas_starting": self.starting,
             "replicas_failed": self.failed,
@@ -294,6 +308,9 @@ class PoolState:
         self.heartbeat_liveness = heartbeat_liveness
         self.hang_timeout = hang_timeout
         self.default_max_queue = default_max_queue
+        # Every served version by model name, and per name the version a request that names none goes
+        # to: the newest ready one (or, while none is ready, the newest loading one).
+        self.versions: dict[bytes, dict[str, ModelEntry]] = {}
         self.models: dict[bytes, ModelEntry] = {}
         self.workers: dict[bytes, Worker] = {}
         self.held: dict[tuple[bytes, bytes], Pending] = {}  # (client, rid) of every request not answered
@@ -303,7 +320,7 @@ class PoolState:
         self.outbox_workers: list[list] = []
         self.lost_workers: list[tuple[bytes, str]] = []  # (identity, reason) for the supervisor
         self.recycle: list[bytes] = []  # workers past their model's max_requests/max_memory, for the supervisor
-        # Runtime control (mmi.scale, mmi.reload): set by the launcher that owns the workers; called
+        # Runtime control (mmi.scale, reload, load, unload, repository): set by the launcher that owns the workers; called
         # with (service, header), returns the answer's header or raises PoolError.
         self.control: Callable[[bytes, dict], dict] | None = None
         self.peer_local = True  # the client of the message being handled is on this host (control allowed)
@@ -319,6 +336,7 @@ class PoolState:
             protocol.MMI_HEALTH: self._mmi_health,
             protocol.MMI_METRICS: self._mmi_metrics,
             **{service: functools.partial(self._mmi_control, service=service) for service in protocol.MMI_CONTROL},
+            protocol.MMI_REPOSITORY: functools.partial(self._mmi_control, service=protocol.MMI_REPOSITORY),
         }
 
     # --- configuration -------------------------------------------------------------------
@@ -326,25 +344,88 @@ class PoolState:
     def add_model(self, name: str, *, max_queue: int | None = None, expected: int = 0, version: str = "",
                   max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, max_delay_ms: float = 0.0, max_requests: int = 0,
                   max_memory_mb: float = 0) -> None:
-        """Declare a served model; workers may register only for declared models."""
+        """Declare a served model version; workers may register only for declared models."""
         key = name.encode()
-        entry = self.models.get(key)
-        if entry is None:
-            entry = self.models[key] = ModelEntry(key, max_queue or self.default_max_queue, max_queue_bytes)
+        family = self.versions.setdefault(key, {})
+        entry = family.get(version)
+        if entry is None or entry.unloading:
+            if entry is not None:  # loaded again while its old workers drain: they keep draining apart
+                self._drop(entry)
+                family = self.versions.setdefault(key, {})
+            entry = family[version] = ModelEntry(key, max_queue or self.default_max_queue, max_queue_bytes)
+        entry.max_queue = max_queue or self.default_max_queue
+        entry.max_queue_bytes = max_queue_bytes
         entry.expected = expected
         entry.version = version
         entry.batcher.max_delay = max_delay_ms / 1000.0
         entry.max_requests = max_requests
         entry.max_memory_bytes = int(max_memory_mb * 1024 * 1024)
+        self._reroute(key)
 
-    def set_expected(self, model: str, count: int) -> None:
-        """How many local replicas of the model the supervisor keeps (after a scale)."""
-        entry = self.models.get(model.encode())
-        if entry is not None:
+    def entries(self) -> list[ModelEntry]:
+        """Every served model version."""
+        return [entry for family in self.versions.values() for entry in family.values()]
+
+    def _select(self, model: str, version: str | None) -> list[ModelEntry]:
+        """The model's entry for ``version``, or all of its versions when None."""
+        family = self.versions.get(model.encode(), {})
+        if version is None:
+            return list(family.values())
+        return [family[version]] if version in family else []
+
+    def _reroute(self, name: bytes) -> None:
+        """Point requests that name no version at the newest ready version (or the newest that loads)."""
+        live = [e for e in self.versions.get(name, {}).values() if not e.unloading]
+        if not live:
+            self.models.pop(name, None)
+            return
+        ready = [e for e in live if e.has_ready()]
+        loading = [e for e in live if e.expected or e.starting]
+        self.models[name] = max(ready or loading or live, key=_newest)
+
+    def unload(self, model: str, version: str | None = None) -> int:
+        """Stop routing to a version (every version when None): it serves the requests it has queued,
+        then its workers drain and leave, and it is forgotten. How many versions that concerns."""
+        entries = [e for e in self._select(model, version) if not e.unloading]
+        for entry in entries:
+            entry.unloading = True
+            entry.expected = 0
+            self._dirty.add(entry)
+        self._reroute(model.encode())
+        return len(entries)
+
+    def _settle_unload(self, entry: ModelEntry) -> None:
+        """An unloading version whose queue is empty lets its workers go; with none left it is dropped."""
+        if entry.queued and not entry.has_ready():
+            self._fail_queue(entry, Unavailable(f"version {quote(entry.version)} of model {quote(entry.name)} "
+                                                "was unloaded before it could serve this request"))
+        if entry.queued:
+            return
+        for worker in list(entry.workers.values()):
+            if worker.state is WorkerState.READY:
+                self.retire(worker.identity)
+        if not entry.workers:
+            self._drop(entry)
+
+    def _drop(self, entry: ModelEntry) -> None:
+        family = self.versions.get(entry.name, {})
+        if family.get(entry.version) is entry:
+            del family[entry.version]
+        if not family:
+            self.versions.pop(entry.name, None)
+        self._dirty.discard(entry)
+        self._reroute(entry.name)
+
+    def set_expected(self, model: str, count: int, version: str | None = None) -> None:
+        """How many local replicas of the model version (every version: None) the supervisor keeps."""
+        for entry in self._select(model, version):
+            if entry.unloading:
+                continue
             entry.expected = count
             self._dirty.add(entry)
             if count == 0 and entry.ready == 0:
                 self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} was scaled to 0 replicas"))
+        self._reroute(model.encode())
 
     def retire(self, identity: bytes) -> bool:
         """A worker leaves for good: it finishes what it holds and takes nothing new, then is sent
@@ -352,7 +433,7 @@ class PoolState:
         worker = self.workers.get(identity)
         if worker is None:
             return False
-        entry = self.models[worker.model]
+        entry = worker.entry
         if worker.state is WorkerState.READY:
             worker.move(WorkerState.DRAINING)
             if entry.reserved is worker:
@@ -367,23 +448,27 @@ class PoolState:
         self.outbox_workers.append([worker.identity, *protocol.encode_disconnect()])
         self._forget(worker)
 
-    def set_starting(self, model: str, count: int) -> None:
-        """How many local replicas of the model are starting (process up, not READY yet)."""
-        entry = self.models.get(model.encode())
-        if entry is not None:
+    def set_starting(self, model: str, count: int, version: str | None = None) -> None:
+        """How many local replicas of the model version are starting (process up, not READY yet)."""
+        for entry in self._select(model, version):
             entry.starting = count
 
-    def load_failed(self, model: str, reason: str) -> None:
-        """A local replica failed to load; clients get 503 with the reason while none is ready."""
-        entry = self.models.get(model.encode())
+    def load_failed(self, model: str, reason: str, version: str | None = None) -> None:
+        """A local replica failed to load; clients get 503 with the reason while none is ready.
+        ``version`` None: the version requests go to."""
+        if version is None or version not in self.versions.get(model.encode(), {}):
+            entry = self.models.get(model.encode())
+        else:
+            entry = self.versions[model.encode()][version]
         if entry is None:
             return
-        self.limited.log(logging.ERROR, f"load failures of model {model}", "model=%s failed to load: %s",
-                         quote(model), quote(reason, 500))
+        self.limited.log(logging.ERROR, f"load failures of model {model}", "model=%s version=%s failed to load: %s",
+                         quote(model), quote(entry.version), quote(reason, 500))
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
             self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} failed to load: {reason}"))
+        self._reroute(entry.name)
 
     # --- client side ---------------------------------------------------------------------
 
@@ -428,11 +513,10 @@ class PoolState:
             else:
                 handler(client, rid, header)
             return
-        entry = self.models.get(model)
-        if entry is None:
-            served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
-            self._reply_error(client, model, rid, ModelNotFound(
-                f"model {quote(model)} is not served here; models served: {served}"))
+        try:
+            entry = self._version_entry(model, header)
+        except PoolError as exc:
+            self._reply_error(client, model, rid, exc)
             return
         if self._duplicate(client, rid):
             return
@@ -449,19 +533,24 @@ class PoolState:
         if "op" not in header and len(frames[4]) <= _HEADER_CACHE_BYTES:
             if len(self._headers) >= _HEADER_CACHE_SIZE:
                 self._headers.clear()
-            self._headers[frames[4]] = (header, key, rows, len(request.tensors))
+            self._headers[frames[4]] = (header, key, rows, len(request.tensors), _version_of(header))
         self._admit(entry, client, rid, [frames[4], *request.tensors], key, rows, self.now(),
                     header.get("timeout_ms"), False)
 
-    def _known_request(self, client: bytes, frames: Sequence[Any], known: tuple[dict, Any, int, int]) -> bool:
+    def _known_request(self, client: bytes, frames: Sequence[Any], known: tuple[dict, Any, int, int, Any]) -> bool:
         """Admit a plain inference request whose header was decoded and checked before; False when
         it is not one (the full path then parses it)."""
-        header, key, rows, tensors = known
+        header, key, rows, tensors, version = known
         rid = frames[3]
         if (len(frames) != 5 + tensors or frames[0] != b"" or frames[1] != protocol.CLIENT
                 or not 0 < len(rid) <= protocol.MAX_ID_BYTES):
             return False
-        entry = self.models.get(frames[2])
+        if version is None:
+            entry = self.models.get(frames[2])
+        else:
+            entry = self.versions.get(frames[2], {}).get(version)
+            if entry is not None and entry.unloading:
+                return False
         if entry is None:
             return False
         if not self._duplicate(client, rid):
@@ -490,6 +579,7 @@ class PoolState:
             return
         pending = Pending(client, rid, entry.name, body, deadline=deadline, size=size, rows=rows, key=key,
                           arrived=now, seq=next(self._seq), grouped=grouped)
+        pending.owner = entry
         self.held[(client, rid)] = pending
         entry.held_bytes += size
         self.held_bytes += size
@@ -506,16 +596,14 @@ class PoolState:
             self._malformed_group(client, frames, exc)
             return
         model, header = group.model, group.header
-        entry = self.models.get(model)
+        entry = None
         error: PoolError | None = None
         if model.startswith(protocol.MMI_PREFIX) or "op" in header:
             error = InvalidInput("a group carries inference requests only; send management and metadata "
                                  "requests one at a time")
-        elif entry is None:
-            served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
-            error = ModelNotFound(f"model {quote(model)} is not served here; models served: {served}")
         else:
             try:
+                entry = self._version_entry(model, header)
                 _check_options(header)
                 key, rows = protocol.batch_key(header, len(group.tensors[0]))
             except PoolError as exc:
@@ -548,6 +636,23 @@ class PoolState:
                              client.hex()[:64], quote(model), exc)
         for rid in dict.fromkeys(ids):
             self._reply_error(client, model, rid, exc)
+
+    def _version_entry(self, model: bytes, header: dict) -> ModelEntry:
+        """The version a request goes to: the one its header's ``model_version`` names, or the newest
+        ready one. ModelNotFound (or InvalidInput) when there is none."""
+        family = self.versions.get(model)
+        if family is None:
+            served = ", ".join(sorted(m.decode(errors="replace") for m in self.models)) or "none"
+            raise ModelNotFound(f"model {quote(model)} is not served here; models served: {served}")
+        version = _version_of(header)
+        entry = self.models.get(model) if version is None else family.get(version)
+        if entry is None or entry.unloading:
+            live = sorted((v for v, e in family.items() if not e.unloading), key=_version_order, reverse=True)
+            if not live:
+                raise ModelNotFound(f"model {quote(model)} is being unloaded")
+            raise ModelNotFound(f"model {quote(model)} has no version {quote(version or '')} loaded; versions "
+                                f"served: {', '.join(live)} (leave model_version out for the newest ready one)")
+        return entry
 
     def _route(self, entry: ModelEntry, header: dict, tensors: int) -> tuple[Any, int]:
         """(batch key, rows) of a request; key None for a metadata request the broker answers itself."""
@@ -621,7 +726,7 @@ class PoolState:
         if not isinstance(name, str):
             self._reply_error(client, protocol.MMI_SERVICE, rid, InvalidInput(
                 f"mmi.service: name must be a string, got {protocol.wire_type(name)}"))
-        elif name.encode() in self.models:
+        elif name.encode() in self.versions:
             self._reply(client, protocol.MMI_SERVICE, rid, protocol.OK, {"name": name})
         else:
             self._reply_error(client, protocol.MMI_SERVICE, rid,
@@ -629,7 +734,9 @@ class PoolState:
 
     def _mmi_models(self, client: bytes, rid: bytes, header: dict) -> None:
         detail = self.mmi_detail and header.get("detail") is True
-        body = {"models": [entry.summary(detail) for entry in self.models.values()]}
+        entries = sorted(self.entries(), key=lambda e: (e.name, _version_order(e.version)), reverse=True)
+        entries.sort(key=lambda e: e.name)  # by name, each model's newest version first
+        body = {"models": [entry.summary(detail, self.models.get(entry.name) is entry) for entry in entries]}
         self._reply(client, protocol.MMI_MODELS, rid, protocol.OK, body)
 
     def _mmi_health(self, client: bytes, rid: bytes, header: dict) -> None:
@@ -639,7 +746,7 @@ class PoolState:
         body = {"uptime_seconds": round(self.now() - self.started_at, 3), "models": [
             {"name": e.name.decode(errors="replace"), "version": e.version,
              "histograms": {k: h.to_wire() for k, h in e.metrics.histograms().items()}}
-            for e in self.models.values()]}
+            for e in self.entries()]}
         self._reply(client, protocol.MMI_METRICS, rid, protocol.OK, body)
 
     def _mmi_control(self, client: bytes, rid: bytes, header: dict, *, service: bytes) -> None:
@@ -647,7 +754,7 @@ class PoolState:
             if self.control is None:
                 raise NotSupported(f"{service.decode()}: this broker starts no workers of its own (remote workers "
                                    "only); scale and reload them where they run")
-            if not self.peer_local:
+            if not self.peer_local and service in protocol.MMI_CONTROL:  # the index only reads
                 raise Forbidden(f"{service.decode()} is taken from clients on the pool's own host only (loopback or "
                                 "ipc://); run it there")
             body = self.control(service, header)
@@ -658,12 +765,11 @@ class PoolState:
 
     def metrics_snapshot(self) -> list[ModelSnapshot]:
         """Every model's metrics, copied (the Prometheus collector calls this from its own thread)."""
-        return [entry.snapshot() for entry in list(self.models.values())]
+        return [entry.snapshot() for entry in self.entries()]
 
-    def count_restart(self, model: str) -> None:
+    def count_restart(self, model: str, version: str | None = None) -> None:
         """The launcher restarts a local worker of the model (it exited, crashed or failed to load)."""
-        entry = self.models.get(model.encode())
-        if entry is not None:
+        for entry in self._select(model, version)[:1]:
             entry.metrics.restarts += 1
 
     def health(self) -> dict:
@@ -699,7 +805,7 @@ class PoolState:
             worker.expiry = worker.last_heard + self.heartbeat_interval * self.heartbeat_liveness
             if stats is not None:  # the model calls behind these replies, the worker's memory
                 if stats.calls:
-                    self.models[worker.model].metrics.executed(stats.calls)
+                    worker.entry.metrics.executed(stats.calls)
                 if stats.rss_bytes is not None:
                     worker.rss_bytes = stats.rss_bytes
         if command is protocol.Command.REPLIES:
@@ -747,29 +853,26 @@ class PoolState:
                 self.limited.warning("replaced registrations", "worker=%s sent READY as another process; "
                                      "treating it as a new registration", quote(identity), burst=50)
                 self.worker_lost(identity, "replaced by a new registration")
-        entry = self.models.get(model)
-        refusal = None
-        if entry is None:
-            refusal = f"model {quote(model)} is not served by this pool"
-        elif len(entry.workers) >= MAX_WORKERS_PER_MODEL:
-            refusal = f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"
+        version = info.get("version", "")
+        version = version[:128] if isinstance(version, str) else ""
+        entry, refusal = self._registration(model, version)
         if refusal is not None:
             self.limited.warning("registrations refused", "refused READY from worker=%s: %s", quote(identity), refusal)
             self.outbox_workers.append([identity, *protocol.encode_disconnect({"error": refusal})])
             return
         rows = info.get("max_batch_size")
         prefetch = info.get("prefetch", 1)
-        version = info.get("version", "")
         now = self.now()
         worker = Worker(
             identity=identity,
             model=model,
-            version=version[:128] if isinstance(version, str) else "",
+            version=version,
             max_rows=min(MAX_BATCH_ROWS, max(1, rows)) if _is_int(rows) else 1,
             slots=1 + (min(MAX_PREFETCH, max(0, prefetch)) if _is_int(prefetch) else 1),
             pid=pid,
             expiry=now + self.heartbeat_interval * self.heartbeat_liveness,
             last_heard=now,
+            entry=entry,
         )
         _read_ready_figures(worker, info)
         if worker.load_seconds is not None:
@@ -779,16 +882,43 @@ class PoolState:
         entry.load_error = None
         if isinstance(info.get("metadata"), dict):
             entry.metadata = info["metadata"]
-        if worker.version and not entry.version:
-            entry.version = worker.version
-        self.limited.info("registrations", "worker ready model=%s worker=%s pid=%s max_batch_size=%d prefetch=%d",
-                          quote(model), quote(identity), worker.pid, worker.max_rows, worker.slots - 1, burst=50)
+        self.limited.info("registrations", "worker ready model=%s version=%s worker=%s pid=%s max_batch_size=%d "
+                          "prefetch=%d", quote(model), quote(version), quote(identity), worker.pid, worker.max_rows,
+                          worker.slots - 1, burst=50)
         self._dirty.add(entry)
+        self._reroute(model)
+
+    def _registration(self, model: bytes, version: str) -> tuple[ModelEntry | None, str | None]:
+        """(entry, None) for a worker announcing ``version`` of ``model``, or (None, why it is refused).
+
+        A declared model takes a version it does not know yet (a remote worker of a newer version) as
+        a new version with the same limits; a model declared without a version adopts the first one.
+        """
+        family = self.versions.get(model)
+        if not family:
+            return None, f"model {quote(model)} is not served by this pool"
+        entry = family.get(version)
+        if entry is None and "" in family and len(family) == 1:
+            entry = family.pop("")
+            entry.version = version
+            family[version] = entry
+        elif entry is None:
+            if len(family) >= MAX_VERSIONS:
+                return None, f"model {quote(model)} has {MAX_VERSIONS} versions already"
+            like = self.models.get(model) or next(iter(family.values()))
+            entry = family[version] = ModelEntry(model, like.max_queue, like.max_queue_bytes, version=version)
+            entry.batcher.max_delay = like.batcher.max_delay
+            entry.max_requests, entry.max_memory_bytes = like.max_requests, like.max_memory_bytes
+        if entry.unloading:
+            return None, f"version {quote(version)} of model {quote(model)} is being unloaded"
+        if len(entry.workers) >= MAX_WORKERS_PER_MODEL:
+            return None, f"model {quote(model)} has {MAX_WORKERS_PER_MODEL} workers registered already"
+        return entry, None
 
     def _check_recycling(self, worker: Worker) -> None:
         """A worker past its model's max_requests or max_memory_mb is put on ``recycle``: the
         launcher starts its successor, and it retires once that one is ready."""
-        entry = self.models[worker.model]
+        entry = worker.entry
         why = None
         if entry.max_requests and worker.answered >= entry.max_requests:
             why = f"answered {worker.answered} requests (max_requests {entry.max_requests})"
@@ -810,7 +940,7 @@ class PoolState:
             self.limited.warning("replies for unknown requests", "reply for unknown request worker=%s rid=%s dropped",
                                  quote(worker.identity), quote(item.rid, 32))
             return
-        entry = self.models[worker.model]
+        entry = worker.entry
         self._settle_batch(worker, pending, entry)
         self._done(entry, pending)
         took = worker.last_heard - pending.admitted  # last_heard: this message's arrival
@@ -838,7 +968,8 @@ class PoolState:
     def _worker_disconnect(self, identity: bytes, worker: Worker | None, info: dict) -> None:
         error = info.get("error")
         if error and isinstance(error, str) and isinstance(info.get("model"), str):
-            self.load_failed(info["model"], error[:2000])
+            version = info.get("version")
+            self.load_failed(info["model"], error[:2000], version if isinstance(version, str) else None)
         if worker is not None:
             self.worker_lost(identity, "disconnected")
 
@@ -851,7 +982,7 @@ class PoolState:
         worker = self.workers.get(identity)
         if worker is None:
             return None
-        entry = self.models[worker.model]
+        entry = worker.entry
         self._forget(worker)
         if entry.reserved is worker:
             entry.reserved = None
@@ -899,9 +1030,12 @@ class PoolState:
         if worker.state is not WorkerState.GONE:
             worker.move(WorkerState.GONE)
         self.workers.pop(worker.identity, None)
-        entry = self.models.get(worker.model)
-        if entry is not None:
-            entry.workers.pop(worker.identity, None)
+        entry = worker.entry
+        entry.workers.pop(worker.identity, None)
+        if entry.unloading:
+            self._dirty.add(entry)  # dispatch drops it once nothing is left
+        else:
+            self._reroute(entry.name)
 
     # --- dispatch, time ------------------------------------------------------------------
 
@@ -915,6 +1049,8 @@ class PoolState:
             entry = self._dirty.pop()
             try:
                 self._dispatch(entry)
+                if entry.unloading:
+                    self._settle_unload(entry)
             except Exception:  # a bug must not stop the loop; the requests wait for the next dispatch
                 self.limited.log(logging.ERROR, "internal errors in dispatch", "internal error dispatching model=%s",
                                  quote(entry.name), exc_info=True)
@@ -1023,7 +1159,8 @@ class PoolState:
         now = self.now()
         self.limited.flush()
         heap = self._deadlines
-        if len(heap) > 4096 and len(heap) > 4 * sum(e.queued for e in self.models.values()):
+        entries = self.entries()
+        if len(heap) > 4096 and len(heap) > 4 * sum(e.queued for e in entries):
             # Entries of requests dispatched since are dropped lazily; compact so that memory
             # stays bounded by the queues, not by request rate x timeout.
             heap[:] = [item for item in heap if item[2].where is QUEUED]
@@ -1031,13 +1168,13 @@ class PoolState:
         while heap and heap[0][0] <= now:
             _, _, pending = heapq.heappop(heap)
             if pending.where is QUEUED:  # left in its lane; the lane skips it
-                entry = self.models[pending.model]
+                entry = pending.owner
                 if pending.crashes:
                     entry.suspects_queued -= 1
                 else:
                     entry.batcher.queue.discard(pending)
                 self._expire(entry, pending)
-        for entry in self.models.values():
+        for entry in entries:
             if entry.wake_at is not None and entry.wake_at <= now:
                 self._dirty.add(entry)
         for worker in list(self.workers.values()):
@@ -1052,7 +1189,7 @@ class PoolState:
 
     def next_deadline(self) -> float | None:
         """The earliest queued deadline or delayed batch, for the poll timeout."""
-        times = [e.wake_at for e in self.models.values() if e.wake_at is not None]
+        times = [e.wake_at for e in self.entries() if e.wake_at is not None]
         if self._deadlines:
             times.append(self._deadlines[0][0])
         return min(times) if times else None
@@ -1068,7 +1205,7 @@ class PoolState:
 
     def drained(self) -> bool:
         """True when nothing is queued or in flight."""
-        return all(e.queued == 0 and e.in_flight == 0 for e in self.models.values())
+        return all(e.queued == 0 and e.in_flight == 0 for e in self.entries())
 
     def disconnect_all(self) -> None:
         """Tell every worker to leave."""
@@ -1087,6 +1224,27 @@ def _check_options(header: dict) -> None:
                                f"{describe(timeout_ms)}; leave it out for no deadline")
     if "parameters" in header and not isinstance(header["parameters"], dict):
         raise InvalidInput(f"parameters must be a map, got {describe(header['parameters'])}")
+
+
+def _version_of(header: dict) -> str | None:
+    """The version a request names (``model_version``, a string or an integer), or None for the newest."""
+    version = header.get("model_version")
+    if version is None or version == "":
+        return None
+    if _is_int(version) and version >= 0:
+        return str(version)
+    if not isinstance(version, str) or len(version) > 128:
+        raise InvalidInput(f"model_version must be a version string like \"2\", got {describe(version)}")
+    return version
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    """Numeric versions by value, after any other name."""
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def _newest(entry: ModelEntry) -> tuple[int, int, str]:
+    return _version_order(entry.version)
 
 
 def _is_int(value: Any) -> bool:

@@ -38,21 +38,45 @@ class Slot:
 
 
 class Supervisor:
-    """Local replicas of every configured model, kept alive with capped exponential backoff."""
+    """Local replicas of every loaded model version, kept alive with capped exponential backoff."""
 
-    def __init__(self, config: PoolConfig, backend: str, *, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: PoolConfig, backend: str, *, now: Callable[[], float] = time.monotonic,
+                 models: tuple[ModelConfig, ...] | None = None) -> None:
         self.config = config
         self.backend = backend
         self.now = now
         self.ctx = multiprocessing.get_context("spawn")
-        self.slots = [Slot(m, i) for m in config.models for i in range(m.replicas)]
-        self.replicas = {m.name: m.replicas for m in config.models}  # what `scale` asked for last
-        self._next_index = {m.name: m.replicas for m in config.models}
+        models = config.models if models is None else models
+        self.versions: dict[tuple[str, str], ModelConfig] = {}  # (name, version) -> how it runs
+        self.slots: list[Slot] = []
+        self.replicas: dict[str, int] = {}  # per model name, replicas of each of its versions
+        self._next_index: dict[str, int] = {}
         self.by_identity: dict[bytes, Slot] = {}
         self.to_retire: list[Slot] = []  # ready slots whose successor is ready: the broker drains them
         self.stopping = False
-        total = sum(m.replicas for m in config.models)
-        self._auto_threads = default_threads(total)
+        self._auto_threads = default_threads(sum(m.replicas for m in models))
+        for m in models:
+            self.add_version(m)
+
+    def add_version(self, model: ModelConfig) -> None:
+        """Run a model version: its replicas start on the next ``start_due``."""
+        self.versions[(model.name, model.version)] = model
+        count = self.replicas.setdefault(model.name, model.replicas)
+        for _ in range(count):
+            self.slots.append(Slot(model, self._new_index(model.name)))
+
+    def remove_version(self, name: str, version: str) -> list[Slot]:
+        """Stop running a model version: its slots retire. Returns those whose process is registered
+        or starting: the caller drains or stops them."""
+        self.versions.pop((name, version), None)
+        if not any(n == name for n, _ in self.versions):
+            self.replicas.pop(name, None)
+        slots = [s for s in self.slots if s.model.name == name and s.model.version == version and not s.retiring]
+        return [slot for slot in slots if self._retire(slot)]
+
+    def versions_of(self, name: str) -> dict[str, ModelConfig]:
+        """The versions of ``name`` that run here, by version."""
+        return {v: m for (n, v), m in self.versions.items() if n == name}
 
     def _spec(self, slot: Slot) -> WorkerSpec:
         m = slot.model
@@ -77,12 +101,13 @@ class Supervisor:
                 started = True
         return started
 
-    def starting_counts(self) -> dict[str, int]:
-        """Per model, replicas whose process runs but has not sent READY yet."""
-        counts = {m.name: 0 for m in self.config.models}
+    def starting_counts(self) -> dict[tuple[str, str], int]:
+        """Per (model, version), replicas whose process runs but has not sent READY yet."""
+        counts = dict.fromkeys(self.versions, 0)
         for slot in self.slots:
             if slot.process is not None and slot.ready_since is None:
-                counts[slot.model.name] += 1
+                key = (slot.model.name, slot.model.version)
+                counts[key] = counts.get(key, 0) + 1
         return counts
 
     def _start(self, slot: Slot) -> None:
@@ -124,39 +149,51 @@ class Supervisor:
 
     # --- runtime changes: scale, replace (reload, recycling), retire ---------------------------
 
-    def live(self, model: str) -> list[Slot]:
-        """The model's replicas that stay: neither retiring nor about to be replaced."""
-        return [s for s in self.slots if s.model.name == model and not s.retiring and s.replaced_by is None]
+    def live(self, model: str, version: str | None = None) -> list[Slot]:
+        """The model's replicas that stay (of one version, or of all): neither retiring nor about to
+        be replaced."""
+        return [s for s in self.slots if s.model.name == model and not s.retiring and s.replaced_by is None
+                and (version is None or s.model.version == version)]
 
     def scale(self, model: str, replicas: int) -> list[Slot]:
-        """Keep ``replicas`` local replicas of ``model``: new slots start on the next ``start_due``; the
-        slots past the count retire (those not ready first, then the newest). Returns the retired
-        slots whose process is registered or starting: the caller drains or stops them."""
+        """Keep ``replicas`` local replicas of each version of ``model``: new slots start on the next
+        ``start_due``; the slots past the count retire (those not ready first, then the newest).
+        Returns the retired slots whose process is registered or starting: the caller drains or stops them."""
         self.replicas[model] = replicas
-        live = self.live(model)
-        config = next(m for m in self.config.models if m.name == model)
-        for _ in range(replicas - len(live)):
-            self.slots.append(Slot(config, self._new_index(model)))
-        victims = sorted(live, key=lambda s: (s.ready_since is None, s.index), reverse=True)
-        return [slot for slot in victims[:max(0, len(live) - replicas)] if self._retire(slot)]
+        retired = []
+        for version, config in self.versions_of(model).items():
+            live = self.live(model, version)
+            for _ in range(replicas - len(live)):
+                self.slots.append(Slot(config, self._new_index(model)))
+            victims = sorted(live, key=lambda s: (s.ready_since is None, s.index), reverse=True)
+            retired += [slot for slot in victims[:max(0, len(live) - replicas)] if self._retire(slot)]
+        return retired
 
-    def replace(self, identity: bytes) -> bool:
-        """Start a successor for a ready local worker; once it is ready, the old one retires.
-        False for a worker that is not ours, not ready, retiring or already being replaced."""
+    def replace(self, identity: bytes, config: ModelConfig | None = None) -> bool:
+        """Start a successor (running ``config``, by default the same) for a ready local worker; once
+        it is ready, the old one retires. False for a worker that is not ours, not ready, retiring or
+        already being replaced."""
         slot = self.by_identity.get(identity)
         if slot is None or slot.retiring or slot.replaced_by is not None or slot.ready_since is None or self.stopping:
             return False
-        successor = Slot(slot.model, self._new_index(slot.model.name), successor_of=slot)
+        successor = Slot(config or slot.model, self._new_index(slot.model.name), successor_of=slot)
         slot.replaced_by = successor
         self.slots.append(successor)
         return True
 
-    def reload(self, model: str) -> int:
-        """Replace every ready replica of ``model`` by a fresh process; how many are being replaced."""
-        return sum(self.replace(s.identity) for s in self.live(model) if s.process is not None)
+    def reload(self, model: str, config: ModelConfig | None = None) -> int:
+        """Replace every ready replica of ``model`` (of ``config``'s version, with ``config``, when
+        given) by a fresh process; how many are being replaced."""
+        version = None if config is None else config.version
+        if config is not None:
+            self.versions[(model, config.version)] = config
+            for slot in self.live(model, version):
+                if slot.process is None:  # not started yet (or waiting to restart): runs the new config
+                    slot.model = config
+        return sum(self.replace(s.identity, config) for s in self.live(model, version) if s.process is not None)
 
     def _new_index(self, model: str) -> int:
-        index = self._next_index[model]
+        index = self._next_index.get(model, 0)
         self._next_index[model] = index + 1
         return index
 

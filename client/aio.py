@@ -315,20 +315,21 @@ class AsyncClient:
         return schema if schema is not None else self._schemas.put(model, await self.metadata(model, timeout=timeout))
 
     async def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
+                    timeout: float | None = None, version: str | None = None) -> dict[str, np.ndarray]:
         """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
 
-        ``outputs`` may name intermediate layers; inputs are converted as ``Client.infer`` does.
+        ``outputs`` may name intermediate layers; inputs are converted as ``Client.infer`` does;
+        ``version`` picks a loaded version (default: the newest ready one).
         """
         wait = self._wait(timeout)
         inputs = (await self._schema(model, wait)).conform(inputs)
-        rid, frames = self._builder.inference(model, inputs, outputs, wait)
+        rid, frames = self._builder.inference(model, inputs, outputs, wait, version)
         return self._schemas.outputs(model, await self._roundtrip(rid, frames, wait))
 
     async def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
-                      timeout: float | None = None) -> Any:
-        """Run a one-input model on a batch ``x``; ``outputs`` as in ``Client.predict``."""
-        results = await self.infer(model, x, wanted_outputs(outputs), timeout=timeout)
+                      timeout: float | None = None, version: str | None = None) -> Any:
+        """Run a one-input model on a batch ``x``; ``outputs`` and ``version`` as in ``Client.predict``."""
+        results = await self.infer(model, x, wanted_outputs(outputs), timeout=timeout, version=version)
         return pick_outputs(results, model, outputs)
 
     async def predict_many(self, model: str, xs: Iterable[Any], *, window: int = 64, timeout: float | None = None,
@@ -388,6 +389,18 @@ class AsyncClient:
     async def reload(self, model: str, *, timeout: float | None = None) -> dict:
         """As ``Client.reload``."""
         return await self._manage(protocol.MMI_RELOAD, {"model": model}, timeout)
+
+    async def load(self, model: str, *, timeout: float | None = None) -> dict:
+        """As ``Client.load``."""
+        return await self._manage(protocol.MMI_LOAD, {"model": model}, timeout)
+
+    async def unload(self, model: str, *, timeout: float | None = None) -> dict:
+        """As ``Client.unload``."""
+        return await self._manage(protocol.MMI_UNLOAD, {"model": model}, timeout)
+
+    async def repository(self, *, timeout: float | None = None) -> list[dict]:
+        """As ``Client.repository``."""
+        return (await self._manage(protocol.MMI_REPOSITORY, {}, timeout))["models"]
 
     async def _manage(self, service: bytes, header: dict, timeout: float | None) -> dict:
         wait = self._wait(timeout)

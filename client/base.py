@@ -51,18 +51,19 @@ class RequestBuilder:
         return self._prefix + next(self._ids).to_bytes(8, "little")
 
     def inference(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
-                  timeout: float | None) -> tuple[bytes, list]:
-        """(request-id, frames) of an inference request, with ``timeout`` seconds as its ``timeout_ms``."""
+                  timeout: float | None, version: str | None = None) -> tuple[bytes, list]:
+        """(request-id, frames) of an inference request, with ``timeout`` seconds as its ``timeout_ms``
+        and ``version`` (None: the newest ready one) as its ``model_version``."""
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty dict of name -> array")
         key, tensors = _fast_tensors(inputs)
         if key is None:
-            return self._inference(model, inputs, outputs, timeout)
+            return self._inference(model, inputs, outputs, timeout, version)
         timeout_ms = None if timeout is None else max(1, math.ceil(timeout * 1000))
-        key = (model, key, tuple(outputs) if outputs else (), timeout_ms)
+        key = (model, key, tuple(outputs) if outputs else (), timeout_ms, version)
         header = self._headers.get(key)
         if header is None:  # the size check is done here: the same shapes and dtypes have the same size
-            rid, frames = self._inference(model, inputs, outputs, timeout)
+            rid, frames = self._inference(model, inputs, outputs, timeout, version)
             if len(self._headers) >= _HEADER_CACHE_SIZE:
                 self._headers.clear()
             self._headers[key] = frames[4]
@@ -77,7 +78,7 @@ class RequestBuilder:
                                "limit; send fewer rows per request or raise max_message_bytes on pool and client")
 
     def _inference(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
-                   timeout: float | None) -> tuple[bytes, list]:
+                   timeout: float | None, version: str | None = None) -> tuple[bytes, list]:
         try:
             metas, tensors = protocol.encode_tensors(inputs)
         except PoolError:
@@ -88,6 +89,8 @@ class RequestBuilder:
         header: dict[str, Any] = {"inputs": metas}
         if outputs:
             header["outputs"] = [{"name": name} for name in outputs]
+        if version is not None:
+            header["model_version"] = str(version)
         return self.request(model, header, tensors, timeout)
 
     def request(self, model: str, header: dict, tensors: Sequence[Any] = (),

@@ -88,7 +88,10 @@ MAX_GROUP = 1024  # requests in one group message
 MMI_METRICS = b"mmi.metrics"
 MMI_SCALE = b"mmi.scale"  # runtime control, from the pool's own host: {"model", "replicas"}
 MMI_RELOAD = b"mmi.reload"  # {"model"}: every replica replaced by a fresh process, warmed first
-MMI_CONTROL = (MMI_SCALE, MMI_RELOAD)
+MMI_LOAD = b"mmi.load"  # {"model"}: serve it (from the config or the model repository), or re-read it
+MMI_UNLOAD = b"mmi.unload"  # {"model"}: stop serving it; its replicas finish what they hold and exit
+MMI_REPOSITORY = b"mmi.repository"  # {}: every model the pool can serve, loaded or not (the V2 repository index)
+MMI_CONTROL = (MMI_SCALE, MMI_RELOAD, MMI_LOAD, MMI_UNLOAD)
 
 OK = b"200"
 

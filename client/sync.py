@@ -477,25 +477,26 @@ class Client:
         return schema if schema is not None else self._schemas.put(model, self.metadata(model, timeout=timeout))
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Any, outputs: Sequence[str] | None = None, *,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, version: str | None = None) -> dict[str, np.ndarray]:
         """Run a model on named inputs (or one array for a one-input model); returns the named outputs.
 
         ``outputs`` may name intermediate layers. float64/int64 arrays and lists are converted to the
         model's dtypes when no value changes (see ``ModelSchema``); results are read-only arrays.
+        ``version`` picks a loaded version of the model (default: the newest ready one).
         """
         wait = self._wait(timeout)
         inputs = self._schema(model, wait).conform(inputs)
-        rid, frames = self._builder.inference(model, inputs, outputs, wait)
+        rid, frames = self._builder.inference(model, inputs, outputs, wait, version)
         return self._schemas.outputs(model, self._roundtrip(rid, frames, wait))
 
     def predict(self, model: str, x: Any, *, outputs: str | Sequence[str] | None = None,
-                timeout: float | None = None) -> Any:
+                timeout: float | None = None, version: str | None = None) -> Any:
         """Run a one-input model on a batch ``x`` (first axis = rows).
 
         Returns the model's one output; with ``outputs="layer"`` that output or layer instead, and with
-        ``outputs=[...]`` a list of arrays in that order.
+        ``outputs=[...]`` a list of arrays in that order. ``version``: as for ``infer``.
         """
-        results = self.infer(model, x, wanted_outputs(outputs), timeout=timeout)
+        results = self.infer(model, x, wanted_outputs(outputs), timeout=timeout, version=version)
         return pick_outputs(results, model, outputs)
 
     def call(self, model: str, header: dict, tensors: Sequence[Any] = (), *,
@@ -536,6 +537,19 @@ class Client:
         """Replace every replica of ``model`` by a fresh process that reads the model file again, each
         warmed up before the old one retires (mmi.reload; from the pool's host only)."""
         return self._manage(protocol.MMI_RELOAD, {"model": model}, timeout)
+
+    def load(self, model: str, *, timeout: float | None = None) -> dict:
+        """Serve ``model`` from the pool's config or model repository, or read a served one again (new
+        versions start, changed ones are replaced warm); mmi.load, from the pool's host only."""
+        return self._manage(protocol.MMI_LOAD, {"model": model}, timeout)
+
+    def unload(self, model: str, *, timeout: float | None = None) -> dict:
+        """Stop serving ``model``: its replicas finish what they hold and exit (mmi.unload)."""
+        return self._manage(protocol.MMI_UNLOAD, {"model": model}, timeout)
+
+    def repository(self, *, timeout: float | None = None) -> list[dict]:
+        """Every model the pool can serve, loaded or not: name, version, state, reason (mmi.repository)."""
+        return self._manage(protocol.MMI_REPOSITORY, {}, timeout)["models"]
 
     def _manage(self, service: bytes, header: dict, timeout: float | None) -> dict:
         wait = self._wait(timeout)

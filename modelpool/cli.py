@@ -42,13 +42,19 @@ def _announce(broker: object) -> None:
     lines = [f"modelpool listening on {endpoint}"]
     metrics = broker.metrics_server  # type: ignore[attr-defined]
     lines.append(f"metrics on {metrics.url}" if metrics is not None else "metrics off")
-    for entry in state.models.values():
+    for entry in state.entries():
         status = f"{entry.ready}/{entry.expected} replicas ready"
         if entry.load_error:
             status += f"; load failed: {entry.load_error}"
         lines.append(f"  model {entry.name.decode()!r} version {entry.version}: {status}")
-    first = next(iter(state.models)).decode()
-    if first == "digits":
+    repo = broker.config.repository  # type: ignore[attr-defined]
+    if repo.path:
+        lines.append(f"model repository {repo.path} (control mode {repo.control_mode}"
+                     + (f", polled every {repo.poll_seconds:g}s)" if repo.control_mode == "poll" else ")"))
+    first = next(iter(state.models), b"").decode()
+    if not first:
+        lines.append("no model loaded yet: modelpool load NAME")
+    elif first == "digits":
         lines.append("example request (in another shell):")
         lines.append(f"  .venv/bin/python -c \"from modelpool import Client; from modelpool.modelproc.demo import load_samples; "
                      f"x, y = load_samples(); print(Client('{endpoint}').predict('digits', x).argmax(1), 'labels', y)\"")
@@ -105,6 +111,26 @@ def apply_door_flags(cfg: PoolConfig, ports: dict[str, int | None]) -> PoolConfi
     return cfg.with_overrides(**changes) if changes else cfg
 
 
+def apply_repository_flags(cfg: PoolConfig, args: argparse.Namespace) -> PoolConfig:
+    """The config with --model-repository, --model-control-mode, --repository-poll-secs and --load-model."""
+    changes = {}
+    if args.model_repository:
+        changes["path"] = args.model_repository
+    if args.model_control_mode:
+        changes["control_mode"] = args.model_control_mode
+    if args.repository_poll_secs is not None:
+        changes["poll_seconds"] = args.repository_poll_secs
+    if args.load_model:
+        changes["load"] = tuple(args.load_model)
+    if not changes:
+        return cfg
+    repo = replace(cfg.repository, **changes)
+    if not repo.path:
+        raise ConfigError("--model-control-mode, --repository-poll-secs and --load-model need a model repository "
+                          "(--model-repository DIR or [repository] path)")
+    return cfg.with_overrides(repository=repo)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the pool in the foreground until SIGINT/SIGTERM."""
     from modelpool.broker.exporter import MetricsError
@@ -116,8 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif args.config:
             cfg = pool_config.load(args.config)
             cfg = cfg.with_overrides(frontend=args.frontend)
+        elif args.model_repository:
+            cfg = PoolConfig(repository=pool_config.RepositoryConfig(path=args.model_repository),
+                             frontend=args.frontend or pool_config.DEFAULT_FRONTEND)
         else:
-            raise ConfigError("give a config file with -c pool.toml, or --demo")
+            raise ConfigError("give a config file with -c pool.toml, a model repository with --model-repository DIR, "
+                              "or --demo")
+        cfg = apply_repository_flags(cfg, args)
         if args.log_level:
             cfg = cfg.with_overrides(log_level=args.log_level)
         cfg = apply_door_flags(cfg, {"metrics": args.metrics_port, "http": args.http_port, "grpc": args.grpc_port})
@@ -128,6 +159,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         broker = Broker(cfg, on_ready=_announce, on_gateway=_announce_gateway)
+    except ConfigError as exc:  # a repository model that cannot be read at start
+        print(f"modelpool: config error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # zmq.ZMQError for an address in use, mostly
         print(f"modelpool: cannot start: {exc} (frontend {cfg.frontend})", file=sys.stderr)
         return 1
@@ -146,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _fail(f"cannot start the KServe V2 gateway: {broker.gateway.error}; choose other ports with --http-port/"
               "--grpc-port (or [http]/[grpc] port in the config), or turn a door off with 'off'", code)
     if code == EXIT_LOAD_FAILED:
-        for entry in broker.state.models.values():
+        for entry in broker.state.entries():
             if entry.load_error and entry.ready == 0:
                 _fail(f"model '{entry.name.decode()}' failed to load: {entry.load_error}", code)
         _fail("stopped: a model failed to load at start (set exit_on_error = false in [pool] to serve the "
@@ -254,8 +288,14 @@ def _histograms(metrics: dict | None) -> dict[str, dict[str, HistogramSnapshot]]
                 parsed[name] = HistogramSnapshot.from_wire(value)
             except ValueError:
                 continue
-        out[str(model.get("name"))] = parsed
+        out[_key(model)] = parsed
     return out
+
+
+def _key(model: dict | None) -> str:
+    """A row of the status table: a model version (a model may serve several side by side)."""
+    model = model or {}
+    return f"{model.get('name')}:{model.get('version') or ''}"
 
 
 def _queue_p50(name: str, now: dict, before: dict | None) -> str:
@@ -269,8 +309,8 @@ def _queue_p50(name: str, now: dict, before: dict | None) -> str:
 def _window(sample: Sample, previous: Sample | None) -> tuple[Sample | None, float | None, str]:
     """(sample to subtract, seconds, words): the last interval in --watch, else since the broker started."""
     if previous is not None and previous.models and sample.at > previous.at:
-        before = {m.get("name"): m for m in previous.models}
-        restarted = any((_answered(m) or 0) < (_answered(before.get(m.get("name"))) or 0) for m in sample.models)
+        before = {_key(m): m for m in previous.models}
+        restarted = any((_answered(m) or 0) < (_answered(before.get(_key(m))) or 0) for m in sample.models)
         if not restarted:
             seconds = sample.at - previous.at
             return previous, seconds, f"rates over the last {seconds:.1f}s"
@@ -293,17 +333,19 @@ def format_status(models: list[dict] | Sample, endpoint: str = "", previous: Sam
         return "\n".join(head + ["no models served"])
     hists = _histograms(sample.metrics)
     hists_before = _histograms(base.metrics) if base is not None else None
-    before = {m.get("name"): m for m in base.models} if base is not None else {}
-    ordered = sorted(sample.models, key=lambda m: str(m.get("name", "")))
+    before = {_key(m): m for m in base.models} if base is not None else {}
+    ordered = sorted(sample.models, key=lambda m: str(m.get("name", "")))  # stable: newest version first
     rows = []
     for m in ordered:
-        name, earlier = str(m.get("name", "?")), before.get(m.get("name"))
+        name, earlier = str(m.get("name", "?")), before.get(_key(m))
         ready = _count(m, "replicas_ready")
         if m.get("replicas_expected"):
             ready += f"/{m['replicas_expected']}"
-        rows.append((name, str(m.get("version") or "-"), ready, _count(m, "replicas_starting"),
+        version = str(m.get("version") or "-") + ("*" if m.get("default") and len(
+            [o for o in ordered if o.get("name") == m.get("name")]) > 1 else "")
+        rows.append((name, version, ready, _count(m, "replicas_starting"),
                      _count(m, "replicas_failed"), _count(m, "queue_depth"), _count(m, "in_flight"),
-                     _mean_batch(m, earlier), _rate(m, earlier, seconds), _queue_p50(name, hists, hists_before),
+                     _mean_batch(m, earlier), _rate(m, earlier, seconds), _queue_p50(_key(m), hists, hists_before),
                      _count(m, "served"), _count(m, "client_errors"), _count(m, "errors")))
     widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(STATUS_COLUMNS)]
 
@@ -313,7 +355,10 @@ def format_status(models: list[dict] | Sample, endpoint: str = "", previous: Sam
     lines = head + [line(STATUS_COLUMNS)] + [line(r) for r in rows]
     for m in ordered:
         if m.get("load_error"):
-            lines.append(f"model {m.get('name')!r} failed to load: {_one_line(m['load_error'])}")
+            lines.append(f"model {m.get('name')!r} version {m.get('version')!r} failed to load: "
+                         f"{_one_line(m['load_error'])}")
+    if any("*" in r[1] for r in rows):
+        lines.append("* the version a request that names none goes to")
     return "\n".join(lines)
 
 
@@ -462,16 +507,49 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _wait_settled(client, args.model, args.wait)
 
 
+@_talks_to_pool
+def cmd_load(args: argparse.Namespace) -> int:
+    """Serve a model from the config or the model repository, or read it again (mmi.load)."""
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        answer = client.load(args.model)
+        done = [f"versions {', '.join(answer['versions'])}"]
+        for key in ("started", "reloaded", "unloading"):
+            if answer.get(key):
+                done.append(f"{key} {', '.join(answer[key])}")
+        print(f"model {answer['model']}: {'; '.join(done)}")
+        return _wait_settled(client, args.model, args.wait)
+
+
+@_talks_to_pool
+def cmd_unload(args: argparse.Namespace) -> int:
+    """Stop serving a model; its replicas finish what they hold and exit (mmi.unload)."""
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        answer = client.unload(args.model)
+        print(f"model {answer['model']}: unloading versions {', '.join(answer['unloading'])}")
+        if not args.wait:
+            return EXIT_OK
+        deadline = time.monotonic() + args.wait
+        while any(m.get("name") == args.model for m in client.models()):
+            if time.monotonic() >= deadline:
+                print(f"model {args.model}: still draining after {args.wait:g}s")
+                return EXIT_POOL_ERROR
+            time.sleep(0.2)
+        print(f"model {args.model}: unloaded")
+        return EXIT_OK
+
+
 def _wait_settled(client: Client, model: str, wait: float) -> int:
     """With --wait: until the model has its replicas ready and none starting or draining."""
     if not wait:
         return EXIT_OK
     deadline = time.monotonic() + wait
     while True:
-        entry = next((m for m in client.models() if m.get("name") == model), {})
-        draining = sum(1 for w in entry.get("workers") or [] if w.get("state") == "draining")
-        settled = (entry.get("replicas_ready") == entry.get("replicas_expected")
-                   and not entry.get("replicas_starting") and not draining)
+        versions = [m for m in client.models() if m.get("name") == model]
+        entry = next((m for m in versions if m.get("default")), versions[0] if versions else {})
+        draining = sum(1 for m in versions for w in m.get("workers") or [] if w.get("state") == "draining")
+        settled = bool(versions) and not draining and all(
+            v.get("state") in ("READY", None) and v.get("replicas_ready") == v.get("replicas_expected")
+            and not v.get("replicas_starting") for v in versions)
         if settled or time.monotonic() >= deadline:
             print(f"model {model}: {entry.get('replicas_ready')} ready, {entry.get('replicas_starting')} starting, "
                   f"{draining} draining" + (f"; last load error: {entry['load_error']}" if entry.get("load_error")
@@ -522,6 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KServe V2 HTTP port (default 8000, or [http] port; 0: any free port; off: no HTTP)")
     serve.add_argument("--grpc-port", type=door_port, default=_UNSET, metavar="PORT|off",
                        help="KServe V2 gRPC port (default 8001, or [grpc] port; 0: any free port; off: no gRPC)")
+    serve.add_argument("--model-repository", metavar="DIR",
+                       help="serve the models of a repository: DIR/<model>/<version>/model.keras (or .h5, or a "
+                       "SavedModel), with an optional DIR/<model>/config.toml")
+    serve.add_argument("--model-control-mode", choices=pool_config.CONTROL_MODES,
+                       help="none: load every repository model at start (default); poll: follow the repository "
+                       "as it changes; explicit: load only what --load-model or `modelpool load` names")
+    serve.add_argument("--repository-poll-secs", type=_positive_float, metavar="SECONDS",
+                       help="how often poll mode looks at the repository (default 5)")
+    serve.add_argument("--load-model", action="append", metavar="NAME",
+                       help="explicit mode: a model to load at start (repeatable; '*' loads all)")
     serve.set_defaults(func=cmd_serve)
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -581,6 +669,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait until the new replicas serve and the old ones are gone (exit 1 if not in time)")
     _add_client_options(reload, timeout=10.0)
     reload.set_defaults(func=cmd_reload)
+
+    load = sub.add_parser("load", help="serve a model of the config or the repository, or re-read it",
+                          formatter_class=fmt,
+                          description="Serve MODEL (a [[models]] table or a model repository directory). For a\n"
+                          "model served already, read it again: new versions start and are warmed up, changed\n"
+                          "ones are replaced, versions its policy drops leave once the new ones are ready.",
+                          epilog="example:\n  modelpool load digits --wait 120")
+    load.add_argument("model")
+    load.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait until the model's replicas are ready (exit 1 if not in time)")
+    _add_client_options(load, timeout=10.0)
+    load.set_defaults(func=cmd_load)
+
+    unload = sub.add_parser("unload", help="stop serving a model; its replicas drain and exit", formatter_class=fmt,
+                            description="Stop serving MODEL: requests it has queued are answered, then its\n"
+                            "processes exit and their memory goes back to the host.",
+                            epilog="example:\n  modelpool unload digits --wait 30")
+    unload.add_argument("model")
+    unload.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait until its processes are gone (exit 1 if not in time)")
+    _add_client_options(unload, timeout=10.0)
+    unload.set_defaults(func=cmd_unload)
 
     worker = sub.add_parser("worker", help="serve one model replica for a broker on another host",
                             formatter_class=fmt,

@@ -201,7 +201,8 @@ class Worker:
     def report_load_failure(self, reason: str) -> None:
         """Tell the broker why this replica cannot serve, then leave."""
         sock = self._connect()
-        sock.send_multipart(protocol.encode_disconnect({"model": self.spec.model, "error": reason}))
+        sock.send_multipart(protocol.encode_disconnect({"model": self.spec.model, "version": self.spec.version,
+                                                     "error": reason}))
         sock.close(linger=500)  # time for the message to leave; the socket was opened with linger 0
         self.ctx.term()
 

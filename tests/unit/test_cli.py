@@ -347,7 +347,7 @@ def test_predict_unwritable_output_exits_2(fake, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("toml,needle", [
-    ('[[models]]\nname = "m"\npath = "MODEL"\nreplicas = 0\n', "models['m'].replicas must be an integer >= 1"),
+    ('[[models]]\nname = "m"\npath = "MODEL"\nreplicas = -1\n', "models['m'].replicas must be an integer >= 0"),
     ('[[models]]\nname = "m"\npath = "MODEL"\ncolour = "red"\n', "unknown key(s) colour"),
     ('[[models]]\nname = "m"\npath = "missing.keras"\n', "does not exist"),
     ('[[models]]\nname = "m"\npath = "MODEL"\n[[models]]\nname = "m"\npath = "MODEL"\n', "duplicate model name(s) m"),

@@ -194,10 +194,15 @@ def test_missing_name_or_path(models_dir, key):
         build(models_dir, table)
 
 
-@pytest.mark.parametrize("replicas", [0, -1, "2", 1.5, True])
-def test_replicas_must_be_an_integer_of_at_least_one(models_dir, replicas):
-    with raises(rf"models\['a'\]\.replicas must be an integer >= 1, got {re.escape(repr(replicas))}"):
+@pytest.mark.parametrize("replicas", [-1, "2", 1.5, True])
+def test_replicas_must_be_an_integer_of_at_least_zero(models_dir, replicas):
+    with raises(rf"models\['a'\]\.replicas must be an integer >= 0 \(0: remote workers only\), got "
+                rf"{re.escape(repr(replicas))}"):
         build(models_dir, model_table(replicas=replicas))
+
+
+def test_replicas_zero_declares_a_model_served_by_remote_workers_only(models_dir):
+    assert build(models_dir, model_table(replicas=0)).models[0].replicas == 0
 
 
 @pytest.mark.parametrize("key", ["max_batch_size", "max_queue"])
