@@ -106,7 +106,8 @@ class Pool:
     def __init__(self, models: list[dict], *, ready_timeout: float = 180.0, wait_ready: bool = True,
                  settings: Mapping[str, Any] = TEST_SETTINGS, metrics: Mapping[str, Any] | None = None,
                  gateway: bool = False, http: Mapping[str, Any] | None = None,
-                 grpc: Mapping[str, Any] | None = None, **pool: Any) -> None:
+                 grpc: Mapping[str, Any] | None = None, repository: Mapping[str, Any] | None = None,
+                 **pool: Any) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
         self.endpoint = pool.pop("frontend", f"ipc://{self.dir}/front.ipc")
         pool = {**settings, **pool}
@@ -114,7 +115,8 @@ class Pool:
         self.metrics_url = (f"http://{metrics.get('host', '127.0.0.1')}:{metrics['port']}/metrics"
                             if metrics.get("enabled", True) else None)
         door = {"enabled": True, "port": 0} if gateway else {"enabled": False}
-        tables = {"metrics": metrics, "http": {**door, **(http or {})}, "grpc": {**door, **(grpc or {})}}
+        tables = {"metrics": metrics, "http": {**door, **(http or {})}, "grpc": {**door, **(grpc or {})},
+                  **({"repository": repository} if repository else {})}
         self.config = write_config(self.dir / "pool.toml", models, tables, frontend=self.endpoint, **pool)
         self.log_path = self.dir / "launcher.log"
         self.log = open(self.log_path, "w")

@@ -467,7 +467,8 @@ class PoolState:
         entry.load_error = reason
         entry.failed += 1
         if entry.ready == 0:
-            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)} failed to load: {reason}"))
+            self._fail_queue(entry, Unavailable(f"model {quote(entry.name)}{_version_words(entry)} failed to load: "
+                                                f"{reason}"))
         self._reroute(entry.name)
 
     # --- client side ---------------------------------------------------------------------
@@ -673,7 +674,7 @@ class PoolState:
             return Unavailable("the pool is shutting down and admits no new requests")
         if entry.ready == 0:
             if entry.load_error is not None:
-                return Unavailable(f"model {name} failed to load: {entry.load_error}")
+                return Unavailable(f"model {name}{_version_words(entry)} failed to load: {entry.load_error}")
             if entry.starting == 0 and entry.expected == 0:
                 return Unavailable(f"model {name} has no live worker")
         if entry.queued >= entry.max_queue:
@@ -1236,6 +1237,10 @@ def _version_of(header: dict) -> str | None:
     if not isinstance(version, str) or len(version) > 128:
         raise InvalidInput(f"model_version must be a version string like \"2\", got {describe(version)}")
     return version
+
+
+def _version_words(entry: ModelEntry) -> str:
+    return f" version {quote(entry.version)}" if entry.version else ""
 
 
 def _version_order(version: str) -> tuple[int, int, str]:

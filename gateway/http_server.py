@@ -104,6 +104,9 @@ class HttpDoor:
             *(Route(p + "/ready", self.model_ready, methods=get) for p in (m, mv)),
             *(Route(p + "/infer", self.infer, methods=post) for p in (m, mv)),
             *(Route(p, self.model_metadata, methods=get) for p in (m, mv)),
+            Route("/v2/repository/index", self.repository_index, methods=post),
+            Route("/v2/repository/models/{model}/load", self.load_model, methods=post),
+            Route("/v2/repository/models/{model}/unload", self.unload_model, methods=post),
         ]
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
@@ -157,6 +160,36 @@ class HttpDoor:
             return Response(head, media_type=JSON)
         return Response(b"".join([head, *buffers]), media_type=BINARY,
                         headers={"Inference-Header-Content-Length": str(header_length)})
+
+    @_answers_errors
+    async def repository_index(self, request: Request) -> Response:
+        options = await self._options(request)
+        return json_response(await self.backend.repository_index(ready_only=options.get("ready") is True))
+
+    @_answers_errors
+    async def load_model(self, request: Request) -> Response:
+        await self._options(request)
+        await self.backend.load_model(_path(request)[0], self.default_timeout)
+        return json_response({})
+
+    @_answers_errors
+    async def unload_model(self, request: Request) -> Response:
+        await self._options(request)
+        await self.backend.unload_model(_path(request)[0])
+        return json_response({})
+
+    async def _options(self, request: Request) -> dict:
+        """The JSON object of a repository request's body ({} when there is none). Triton's load
+        parameters that carry a config or model files are refused: the repository holds the models."""
+        body = await self._body(request)
+        options = v2.parse_json(body) if body.strip() else {}
+        parameters = options.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput("parameters must be a JSON object")
+        if any(key == "config" or key.startswith("file:") for key in parameters):
+            raise InvalidInput("load parameters that carry a config or model files are not supported: put the "
+                               "model in the pool's model repository and load it by name")
+        return options
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused past the pool's message limit before it is all read, and 408 when it

@@ -172,11 +172,17 @@ def frame_size(frame: Any) -> int:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame).nbytes
 
 
-def check_version(model: str, version: str, served: str | None) -> None:
-    """ModelNotFound unless ``version`` (from a path or request; "" = any) is the one the pool serves."""
-    if version and served is not None and version != served:
-        raise ModelNotFound(f"model {quote(model)} has no version {quote(version)}; this pool serves version "
-                            f"{quote(served)} (leave the version out to use it)")
+def pick_version(model: str, version: str, versions: list[dict]) -> dict:
+    """The mmi.models entry of ``version`` ("": the one a request naming none goes to) out of a
+    model's versions; ModelNotFound naming the versions served when it is not one of them."""
+    if not version:
+        return next((e for e in versions if e.get("default")), versions[0])
+    for entry in versions:
+        if str(entry.get("version") or "") == version:
+            return entry
+    served = ", ".join(str(e.get("version") or "") for e in versions)
+    raise ModelNotFound(f"model {quote(model)} has no version {quote(version)} loaded; versions served: {served} "
+                        "(leave the version out for the newest ready one)")
 
 
 def model_metadata(meta: dict, version: str) -> dict:

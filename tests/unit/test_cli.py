@@ -150,7 +150,7 @@ def test_status_table_lines_up_and_reports_load_errors():
     # numbers are right-aligned under their headings
     assert header.index("SERVED") + len("SERVED") == digits.index("12345") + len("12345")
     assert len(header) == len(digits) == len(broken)
-    assert lines[4] == "model 'broken' failed to load: OSError: no such file while loading 'x.keras'"
+    assert lines[4] == "model 'broken' version '2' failed to load: OSError: no such file while loading 'x.keras'"
     assert len(lines) == 5
 
 
@@ -190,7 +190,7 @@ def _later(seconds: float, served: int, batches: int, rows: int, *queue: float) 
     models = [dict(m) for m in MODELS]
     models[0].update(served=12345 + served, batches=1000 + batches, batch_rows=12345 + rows)
     metrics = {"uptime_seconds": 100.0 + seconds, "models": [
-        {"name": "digits", "histograms": {"queue_seconds": queue_histogram(*[0.0008] * 100, *queue)}},
+        {"name": "digits", "version": "1", "histograms": {"queue_seconds": queue_histogram(*[0.0008] * 100, *queue)}},
         METRICS["models"][1]]}
     return modelpool.Sample(models, metrics, seconds)
 

@@ -173,10 +173,11 @@ def test_metadata_statistics_and_versions():
     assert stats["inference_stats"]["compute_infer"] == {"count": 3, "ns": 250_000_000}
     assert v2.model_statistics({"name": "m", "success": True, "failed": "3"})["inference_stats"]["success"] == {
         "count": 0, "ns": 0}  # what is not a number reads as 0
-    v2.check_version("m", "", "2")
-    v2.check_version("m", "2", "2")
-    with pytest.raises(ModelNotFound, match='model "m" has no version "3"; this pool serves version "2"'):
-        v2.check_version("m", "3", "2")
+    versions = [{"name": "m", "version": "3", "default": False}, {"name": "m", "version": "2", "default": True}]
+    assert v2.pick_version("m", "", versions)["version"] == "2"  # the one requests go to: the newest ready
+    assert v2.pick_version("m", "3", versions)["version"] == "3"
+    with pytest.raises(ModelNotFound, match='model "m" has no version "4" loaded; versions served: 3, 2'):
+        v2.pick_version("m", "4", versions)
 
 
 # --- gRPC requests ---------------------------------------------------------------------------
