@@ -258,3 +258,51 @@ def test_tritonclient_repository_extension_and_version_paths(pool, repo):
             triton.load_model("no-such-model")
     finally:
         triton.close()
+
+
+def test_explicit_mode_from_the_command_line(models, tmp_path, capsys):
+    """`modelpool serve --model-repository DIR --model-control-mode explicit --load-model m`, then
+    `modelpool load` / `status` / `unload` as a user types them."""
+    import signal
+    import subprocess
+    import sys
+
+    from poolutil import REPO, process_alive
+
+    from modelpool import cli
+
+    (tmp_path / "repo" / "m").mkdir(parents=True)
+    publish(models.a, tmp_path / "repo" / "m" / "1")
+    (tmp_path / "repo" / "other").mkdir()
+    publish(models.b, tmp_path / "repo" / "other" / "4")
+    endpoint = f"ipc://{tmp_path}/front.ipc"
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "modelpool", "serve", "--model-repository", str(tmp_path / "repo"),
+                             "--model-control-mode", "explicit", "--load-model", "m", "--frontend", endpoint,
+                             "--metrics-port", "off", "--http-port", "off", "--grpc-port", "off"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    pids = []
+    try:
+        with Client(endpoint, timeout=10) as client:
+            wait_until(lambda: [m for m in client.models() if m["replicas_ready"]], 120, what="m ready")
+            assert [m["name"] for m in client.models()] == ["m"]  # only what --load-model named
+            index = {r["name"]: r for r in client.repository()}
+            assert index["other"] == {"name": "other", "version": "", "state": "UNAVAILABLE", "reason": "not loaded"}
+            capsys.readouterr()
+            assert cli.main(["load", "other", "--endpoint", endpoint, "--wait", "120"]) == 0
+            out = capsys.readouterr().out
+            assert "model other: versions 4; started 4" in out and "1 ready, 0 starting, 0 draining" in out
+            assert cli.main(["status", "--endpoint", endpoint]) == 0
+            rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[2:]]
+            assert ["m", "1", "1/1"] in rows and ["other", "4", "1/1"] in rows
+            pids = children(proc.pid)  # the workers (and multiprocessing's resource tracker)
+            assert cli.main(["unload", "other", "--endpoint", endpoint, "--wait", "60"]) == 0
+            assert "model other: unloaded" in capsys.readouterr().out
+            assert cli.main(["load", "nothing", "--endpoint", endpoint]) == 1
+            assert "ModelNotFound: model \"nothing\" is neither a [[models]] table nor in the model repository" \
+                in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "log").read_text()
+        log.close()
+    wait_until(lambda: not any(process_alive(p) for p in pids), 15, what="workers gone")
