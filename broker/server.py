@@ -243,7 +243,7 @@ class Broker:
             while True:
                 if sup is not None and sup.start_due():  # sentinels change only when a worker starts
                     self._sync_starting()
-                    watched = self._watch(poller, watched, sup.sentinels())
+                    watched = self._watch(poller, watched, sup.sentinels(), exiting)
                 gateway_fds = self._start_gateway(poller, gateway_fds)
                 timeout = _REAP_POLL_MS if exiting else self._timeout(next_heartbeat, stop_by)
                 events = dict(poller.poll(timeout))
@@ -255,8 +255,10 @@ class Broker:
                 if wake is not None and wake in events:
                     _read_all(wake)
                 for fd in [fd for fd in watched if fd in events]:
-                    exiting.append(watched.pop(fd))
+                    slot = watched.pop(fd)
                     poller.unregister(fd)
+                    if not any(s is slot for s in exiting):  # a sentinel stays readable until reaped
+                        exiting.append(slot)
                 if exiting:
                     exiting = [slot for slot in exiting if not self._reap(slot)]
                 if gateway_fds and any(fd in events for fd in gateway_fds):
@@ -352,15 +354,19 @@ class Broker:
                     send_frames(sock, frames)
                 outbox.clear()
 
-    def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict) -> dict:
+    def _watch(self, poller: zmq.Poller, watched: dict, sentinels: dict, exiting: list[Slot]) -> dict:
+        """Poll the sentinels of new workers; not those of exited ones waiting to be reaped (their
+        sentinel stays readable: watched again, they would be reaped twice)."""
         for fd, slot in sentinels.items():
-            if fd not in watched:
+            if fd not in watched and not any(s is slot for s in exiting):
                 poller.register(fd, zmq.POLLIN)
                 watched[fd] = slot
         return watched
 
     def _reap(self, slot: Slot) -> bool:
         """Collect an exited worker; False if its process cannot be collected yet."""
+        if slot.process is None:  # reaped already
+            return True
         identity = slot.identity
         never_ready, process = slot.ready_since is None, slot.process
         reason = self.supervisor.reap(slot)

@@ -19,7 +19,7 @@ EXIT_LOAD_FAILED = 3  # mirrors modelproc.worker.EXIT_LOAD_FAILED without import
 STABLE_AFTER = 10.0  # seconds READY after which a crash counts as the first of a new series
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     """One replica position: the process filling it now and its restart history."""
 
